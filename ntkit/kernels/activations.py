@@ -49,12 +49,20 @@ _PI = math.pi
 
 
 def _correlation(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor):
-    """(rho, sqrt(q1 q2)) with rho clamped into [-1, 1]; rho = 0 where a variance is 0."""
-    prod = var1 * var2
-    sq = torch.sqrt(prod)
-    tiny = torch.finfo(cov.dtype).tiny
-    rho = cov / sq.clamp_min(tiny)
-    rho = rho.clamp_(-1.0, 1.0)
+    """(rho, sqrt(q1) sqrt(q2)): rho = Sigma / sqrt(q1 q2) clamped into [-1, 1], 0 where a variance is 0.
+
+    Correlations within a few ulps of +-1 are snapped to exactly +-1. The arc-cosine and arcsine
+    kernels have a square-root singularity there, so rounding noise of one ulp in rho would become a
+    ~1e-8 relative error after one layer and ~1e-4 after two; snapping keeps coincident and parallel
+    inputs exact through any depth (the change it makes, |d rho| <= 4 eps, is rounding-level).
+    """
+    s1, s2 = torch.sqrt(var1), torch.sqrt(var2)
+    sq = torch.mul(s1, s2)
+    if bool((var1 <= 0).any()) or bool((var2 <= 0).any()):
+        rho = torch.where(sq > 0, cov / sq.clamp_min(torch.finfo(cov.dtype).tiny), torch.zeros_like(cov))
+    else:
+        rho = torch.div(cov, sq)
+    rho = rho.mul_(1.0 + 4 * torch.finfo(cov.dtype).eps).clamp_(-1.0, 1.0)
     return rho, sq
 
 
@@ -145,10 +153,10 @@ class ABRelu(Activation):
             return out, (torch.full_like(out, d0) if derivative else None)
         rho, sq = _correlation(cov, var1, var2)
         theta = torch.acos(rho)
-        # sin(arccos rho) = sqrt(1 - rho^2), computed in place on a fresh buffer
-        sin = torch.mul(rho, rho).neg_().add_(1.0).clamp_(min=0.0).sqrt_()
+        # sin(theta) = sqrt(1 - rho^2), exactly 0 at rho = +-1 (computed in place on rho's buffer)
+        out = rho.mul_(rho).neg_().add_(1.0).sqrt_()
         dmat = theta.mul_(-k).add_(d0)  # D = d0 - k * theta (reuses theta's buffer)
-        out = sin.mul_(sq).mul_(k).addcmul_(dmat, cov)
+        out = out.mul_(sq).mul_(k).addcmul_(dmat, cov)
         return out, (dmat if derivative else None)
 
     def variance(self, var):
@@ -555,19 +563,24 @@ def resolve_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @lru_cache(maxsize=16)
 def _hermite_table(nodes: int, order: int):
-    """Gauss-Hermite nodes z, weights w (for N(0,1): sum w = 1) and orthonormal Hermite
-    polynomials h_m(z) = He_m(z)/sqrt(m!) for m < order, via the stable three-term recurrence."""
+    """Gauss-Hermite nodes z and weights w for N(0, 1) (sum w = 1), and the weighted orthonormal
+    Hermite functions sqrt(w_k) h_m(z_k), h_m = He_m / sqrt(m!), for m < order.
+
+    The three-term recurrence runs on sqrt(w) h_m, which is bounded by 1 (the rows are orthonormal),
+    so it neither overflows at far nodes for high orders nor loses accuracy.
+    """
     from scipy.special import roots_hermitenorm
 
     z, w = roots_hermitenorm(nodes)
     w = w / math.sqrt(2 * math.pi)
+    sw = np.sqrt(w)
     h = np.zeros((order, nodes))
-    h[0] = 1.0
+    h[0] = sw
     if order > 1:
-        h[1] = z
+        h[1] = z * sw
     for m in range(1, order - 1):
         h[m + 1] = (z * h[m] - math.sqrt(m) * h[m - 1]) / math.sqrt(m + 1)
-    return z, w, h
+    return z, w, sw, h
 
 
 class Elementwise(Activation):
@@ -591,17 +604,18 @@ class Elementwise(Activation):
         Elementwise function of a tensor, or its name (``"tanh"``, ``"silu"``, ``"softplus"``, ...).
         Only named functions can be written to a config.
     deg : int
-        Number of Gauss-Hermite nodes (default 1000: cheap, since only one-dimensional integrals
-        are evaluated per distinct variance).
+        Number of Gauss-Hermite nodes (default 2000: cheap, since only one-dimensional integrals
+        are evaluated, once per distinct variance).
     max_order : int
         Largest number of Hermite terms.
     tol : float
-        Relative truncation tolerance of the series.
+        Relative truncation tolerance of the series (a warning is issued when ``max_order`` terms
+        leave more than 1e-9).
     """
 
     layer_name = "numerical"
 
-    def __init__(self, fn: Callable | str, deg: int = 1000, max_order: int = 400, tol: float = 1e-13):
+    def __init__(self, fn: Callable | str, deg: int = 2000, max_order: int = 1000, tol: float = 1e-13):
         if isinstance(fn, str):
             self.fn_name = fn
             self._fn = resolve_function(fn)
@@ -615,6 +629,7 @@ class Elementwise(Activation):
         self.deg = int(deg)
         self.max_order = int(max_order)
         self.tol = float(tol)
+        self.warn_tol = 1e-9
         self._named = isinstance(fn, str)
 
     def __eq__(self, other):
@@ -644,10 +659,11 @@ class Elementwise(Activation):
         flat = var.reshape(-1)
         uniq, inverse = torch.unique(flat, return_inverse=True)
         order = min(self.max_order, self.deg)
-        z, w, h = _hermite_table(self.deg, order)
+        z, w, sw, h = _hermite_table(self.deg, order)
         dt, dev = var.dtype, var.device
         zt = torch.as_tensor(z, dtype=torch.float64, device=dev)
         wt = torch.as_tensor(w, dtype=torch.float64, device=dev)
+        swt = torch.as_tensor(sw, dtype=torch.float64, device=dev)
         ht = torch.as_tensor(h, dtype=torch.float64, device=dev)
         x = torch.sqrt(uniq.to(torch.float64).clamp_min(0))[:, None] * zt[None, :]
         y, g = self._values(x, derivative)
@@ -659,7 +675,7 @@ class Elementwise(Activation):
             if vals is None:
                 results.append(None)
                 continue
-            coeffs = (vals * wt) @ ht.T  # (u, order)
+            coeffs = (vals * swt) @ ht.T  # (u, order): b_m = sum_k w_k phi(z_k) h_m(z_k)
             energy = (vals * vals * wt).sum(-1)  # E[phi^2] per variance
             tail = energy[:, None] - torch.cumsum(coeffs * coeffs, dim=-1)
             ok = tail <= self.tol * energy.abs().clamp_min(1e-300)[:, None]
@@ -668,6 +684,7 @@ class Elementwise(Activation):
             else:
                 m = order
                 worst = float((tail[:, -1] / energy.clamp_min(1e-300)).max())
+            if m == order and worst > self.warn_tol:
                 warnings.warn(
                     f"{self!r}: {order} Hermite terms leave a relative error up to {worst:.2g} "
                     "(the function is not smooth enough for fast convergence); prefer a closed-form "
@@ -699,7 +716,7 @@ class Elementwise(Activation):
         return outs[0], outs[1]
 
     def variance(self, var):
-        z, w, _ = _hermite_table(self.deg, 2)
+        z, w, _, _ = _hermite_table(self.deg, 2)
         flat = var.reshape(-1)
         uniq, inverse = torch.unique(flat, return_inverse=True)
         x = torch.sqrt(uniq.to(torch.float64).clamp_min(0))[:, None] * torch.as_tensor(z, device=var.device)[None]

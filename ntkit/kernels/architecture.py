@@ -262,7 +262,12 @@ class Architecture:
             cov = (a * b).sum(1) / d
         st = self._run(KernelState(nngp=cov, ntk=0.0 if "ntk" in names else None, var1=var1, var2=var2,
                                    width=d, gaussian=False))
-        return {name: self._field(st, name, cov) for name in names}
+        out = {name: self._field(st, name, cov) for name in names}
+        for name, val in out.items():
+            if not bool(torch.isfinite(val).all()):
+                raise FloatingPointError(f"the {name} kernel overflowed or became NaN in {t1.dtype}; check "
+                                         "W_std/b_std and depth, or use float64")
+        return out
 
     @staticmethod
     def _field(st: KernelState, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -290,7 +295,7 @@ class Architecture:
                      "if only k(x, x) is needed")
         left = budget - out_bytes
         if block_size is None:
-            block = 512 if item >= 8 else 724
+            block = 512
             while block > 16 and _LIVE_TILES * block * block * item + 2 * block * d * item > left:
                 block //= 2
         else:
@@ -324,16 +329,16 @@ class Architecture:
                     raise ConfigError("the architecture ends with unmerged branches; close them with fanin_sum")
                 for name in names:
                     tile = self._field(st, name, g)
+                    if not bool(torch.isfinite(tile.sum())):  # NaN/Inf propagate through the sum
+                        raise FloatingPointError(
+                            f"the {name} kernel overflowed or became NaN in {t1.dtype}; the activations' "
+                            "variances probably explode with depth (check W_std/b_std) or the dtype is too "
+                            "narrow (use float64)")
                     if diag_tile:
                         tile = (tile + tile.T) * 0.5
                     outs[name][i0:i1, j0:j1] = tile
                     if same and not diag_tile:
                         outs[name][j0:j1, i0:i1] = tile.T
-        for name in names:
-            if not bool(torch.isfinite(outs[name]).all()):
-                raise FloatingPointError(
-                    f"the {name} kernel overflowed or became NaN in {t1.dtype}; the activations' variances "
-                    "probably explode with depth (check W_std/b_std) or the dtype is too narrow (use float64)")
         return outs
 
     # -- finite width -----------------------------------------------------------------------------

@@ -62,8 +62,10 @@ LAYER_SCHEMA: dict[str, tuple[Callable[..., Layer], dict, dict]] = {
     "gaussian": (Gaussian, {"a": _float("a"), "b": _float("b")}, {}),
     "monomial": (Monomial, {"degree": _any("degree")}, {}),
     "polynomial": (lambda coef: Polynomial(tuple(coef)), {"coef": _any("coef")}, {}),
-    "numerical": (lambda fn, deg=1000: Elementwise(fn, deg=max(int(deg), 1000)),
-                  {"fn": _any("fn")}, {"deg": (_any("deg"), 1000)}),
+    # "deg" is a lower bound on the number of quadrature nodes: ntkit's 1-D rule needs more nodes than the
+    # 2-D rule of neural-tangents for the same accuracy, and is cheap.
+    "numerical": (lambda fn, deg=2000: Elementwise(fn, deg=max(int(deg), 2000)),
+                  {"fn": _any("fn")}, {"deg": (_any("deg"), 2000)}),
     "fanout": (FanOut, {"num": _any("num")}, {}),
     "parallel": (lambda branches: Parallel(branches), {"branches": _branches}, {}),
     "serial": (lambda layers: Serial([layer_from_config(d, "serial") for d in layers]),

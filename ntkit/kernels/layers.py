@@ -173,7 +173,7 @@ class Dense(Layer):
     def apply_kernel(self, k: KernelState, ctx: KernelContext) -> KernelState:
         w2 = self.W_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
-        nngp = k.nngp * w2 + b2 if w2 != 1.0 or b2 != 0.0 else k.nngp
+        nngp = k.nngp.mul(w2).add_(b2) if w2 != 1.0 or b2 != 0.0 else k.nngp
         var1, var2 = k.var1 * w2 + b2, k.var2 * w2 + b2
         ntk = k.ntk
         if ntk is not None:
@@ -181,7 +181,7 @@ class Dense(Layer):
             if not self.trainable:
                 ntk = scaled
             elif ctx.parameterization == "ntk":
-                ntk = nngp + scaled
+                ntk = nngp + scaled if isinstance(scaled, float) else scaled.add_(nngp)
             else:
                 if k.width is None:
                     raise ConfigError("the standard-parameterization NTK depends on the finite width of each "

@@ -1,0 +1,1 @@
+"""scikit-learn estimators and kernels built on the infinite-width NTK / NNGP."""

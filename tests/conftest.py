@@ -1,0 +1,81 @@
+"""Shared test helpers: reference cases, brute-force Gaussian expectations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+REFERENCE_DIR = DATA / "reference"
+
+
+def reference_cases():
+    """(name, npz path) of the neural-tangents reference cases stored in tests/data/reference."""
+    return [(p.stem, p) for p in sorted(REFERENCE_DIR.glob("*.npz"))]
+
+
+def load_reference(path):
+    z = np.load(path)
+    return json.loads(str(z["config"])), z
+
+
+def gauss_hermite_2d(f, g, var1, var2, cov, deg=120):
+    """Brute-force E[f(u) g(v)] for (u, v) ~ N(0, [[var1, cov], [cov, var2]]) by a deg x deg
+    tensor-product Gauss-Hermite rule (independent of the library's implementation)."""
+    from scipy.special import roots_hermitenorm
+
+    z, w = roots_hermitenorm(deg)
+    w = w / math.sqrt(2 * math.pi)
+    z1, z2 = np.meshgrid(z, z, indexing="ij")
+    ww = np.outer(w, w)
+    s1 = math.sqrt(var1)
+    rho = 0.0 if var1 * var2 == 0 else cov / math.sqrt(var1 * var2)
+    rho = max(-1.0, min(1.0, rho))
+    u = s1 * z1
+    v = math.sqrt(var2) * (rho * z1 + math.sqrt(max(0.0, 1 - rho * rho)) * z2)
+    fu = f(torch.as_tensor(u)).numpy()
+    gv = g(torch.as_tensor(v)).numpy()
+    return float((ww * fu * gv).sum())
+
+
+def adaptive_gaussian_expectation(f, g, var1, var2, rho):
+    """E[f(u) g(v)] by nested adaptive quadrature (scipy.integrate.quad) over the conditional
+    decomposition v = sqrt(var2) (rho z1 + sqrt(1 - rho^2) z2): slow, accurate, independent."""
+    import warnings
+
+    from scipy import integrate
+
+    s1, s2, c = math.sqrt(var1), math.sqrt(var2), math.sqrt(max(0.0, 1 - rho * rho))
+    phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    opts = dict(epsabs=1e-15, epsrel=1e-13, limit=400)
+
+    def inner(z1):
+        if c == 0:
+            return g(s2 * rho * z1)
+        return integrate.quad(lambda z2: g(s2 * (rho * z1 + c * z2)) * phi(z2), -40, 40, **opts)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", integrate.IntegrationWarning)
+        return integrate.quad(lambda z1: f(s1 * z1) * inner(z1) * phi(z1), -40, 40, **opts)[0]
+
+
+def derivative(fn):
+    """Elementwise derivative of a torch function by autograd."""
+
+    def d(x):
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(fn(x).sum(), x)
+        return g.detach()
+
+    return d
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
