@@ -152,11 +152,12 @@ class ABRelu(Activation):
             out = d0 * cov
             return out, (torch.full_like(out, d0) if derivative else None)
         rho, sq = _correlation(cov, var1, var2)
-        theta = torch.acos(rho)
-        # sin(theta) = sqrt(1 - rho^2), exactly 0 at rho = +-1 (computed in place on rho's buffer)
-        out = rho.mul_(rho).neg_().add_(1.0).sqrt_()
-        dmat = theta.mul_(-k).add_(d0)  # D = d0 - k * theta (reuses theta's buffer)
-        out = out.mul_(sq).mul_(k).addcmul_(dmat, cov)
+        dmat = torch.acos(rho)
+        # D = d0 - k * theta, in place on theta's buffer
+        dmat = dmat.mul_(-k).add_(d0)
+        # k sqrt(q1 q2) sin(theta) with sin(theta) = sqrt(1 - rho^2), exactly 0 at rho = +-1
+        out = torch.rsub(rho.mul_(rho), 1.0).sqrt_().mul_(sq)
+        out = out.mul_(k).addcmul_(dmat, cov)
         return out, (dmat if derivative else None)
 
     def variance(self, var):

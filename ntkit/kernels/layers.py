@@ -173,20 +173,22 @@ class Dense(Layer):
     def apply_kernel(self, k: KernelState, ctx: KernelContext) -> KernelState:
         w2 = self.W_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
-        nngp = k.nngp.mul(w2).add_(b2) if w2 != 1.0 or b2 != 0.0 else k.nngp
+        # Sigma and the variances q must go through bitwise-identical operations (no fused multiply-add
+        # on one and not the other): then Sigma(x, x) == q(x) exactly, the self-correlation stays exactly 1,
+        # and in the chaotic phase (chi_1 > 1) no rounding difference can grow like chi_1^depth.
+        nngp = k.nngp * w2 + b2 if w2 != 1.0 or b2 != 0.0 else k.nngp
         var1, var2 = k.var1 * w2 + b2, k.var2 * w2 + b2
         ntk = k.ntk
         if ntk is not None:
-            scaled = ntk * w2
             if not self.trainable:
-                ntk = scaled
-            elif ctx.parameterization == "ntk":
-                ntk = nngp + scaled if isinstance(scaled, float) else scaled.add_(nngp)
+                ntk = ntk * w2
+            elif ctx.parameterization == "ntk":  # Sigma' + w2 * Theta in one pass
+                ntk = nngp.clone() if isinstance(ntk, float) and ntk == 0.0 else torch.add(nngp, ntk, alpha=w2)
             else:
                 if k.width is None:
                     raise ConfigError("the standard-parameterization NTK depends on the finite width of each "
                                       "Dense layer's input; give every hidden Dense an out_dim (or pass width=).")
-                ntk = k.nngp * float(k.width) + scaled + (1.0 if self.b_std is not None else 0.0)
+                ntk = k.nngp * float(k.width) + ntk * w2 + (1.0 if self.b_std is not None else 0.0)
         return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=self.out_dim, gaussian=True)
 
     def build_module(self, in_features, ctx: BuildContext):
