@@ -44,7 +44,7 @@ class _KernelModel(BaseEstimator):
         if isinstance(self.diag_reg, bool) or not isinstance(self.diag_reg, numbers.Real) or \
                 not (0 <= self.diag_reg < math.inf):
             raise ValueError(f"diag_reg must be a finite number >= 0, got {self.diag_reg!r}.")
-        self._dtype = resolve_dtype(self.dtype)
+        resolve_dtype(self.dtype)  # raises TypeError naming a bad dtype
 
     def _kernel_function(self):
         return make_kernel_function(self.kernel, depth=self.depth, activation=self.activation, W_std=self.W_std,
@@ -77,7 +77,8 @@ class _KernelModel(BaseEstimator):
             s = self.t / n
             # (1 - exp(-s w)) / w, with its limit s at w = 0; -expm1 keeps accuracy for small s w
             g = np.where(w * s > 1e-12, -np.expm1(-s * w) / np.where(w > 0, w, 1.0), s)
-        return V @ (g[:, None] * (V.T @ Y))
+        Y2 = Y.reshape(n, -1)
+        return (V @ (g[:, None] * (V.T @ Y2))).reshape(Y.shape)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -159,6 +160,11 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         self.diag_reg = diag_reg
         self.dtype = dtype
         self.device = device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
 
     def fit(self, X, y):
         """Fit on ``X`` (n, d) and targets ``y`` (n,) or (n, k)."""

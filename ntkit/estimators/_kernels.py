@@ -19,6 +19,7 @@ never silently change a hyper-parameter grid:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -135,14 +136,14 @@ def validate_kernel_params(est: Any) -> None:
                 raise TypeError(f"config must be a dict, a JSON string or a path, got {type(est.config).__name__}")
             return
         depth = est.depth
-        if isinstance(depth, bool) or not isinstance(depth, (int,)) or depth < 0:
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
             raise ValueError(f"depth must be an integer >= 0 (number of hidden layers), got {depth!r}.")
-        if not (isinstance(est.W_std, (int, float)) and math.isfinite(est.W_std) and est.W_std > 0):
+        if not (isinstance(est.W_std, numbers.Real) and math.isfinite(est.W_std) and est.W_std > 0):
             raise ValueError(f"W_std must be a finite number > 0, got {est.W_std!r}.")
-        if not (isinstance(est.b_std, (int, float)) and math.isfinite(est.b_std) and est.b_std >= 0):
+        if not (isinstance(est.b_std, numbers.Real) and math.isfinite(est.b_std) and est.b_std >= 0):
             raise ValueError(f"b_std must be a finite number >= 0, got {est.b_std!r}.")
         fl = est.fixed_layers
-        if isinstance(fl, bool) or not isinstance(fl, int) or not 0 <= fl <= depth + 1:
+        if isinstance(fl, bool) or not isinstance(fl, numbers.Integral) or not 0 <= fl <= depth + 1:
             raise ValueError(f"fixed_layers must be an integer between 0 and depth + 1 = {depth + 1}, got {fl!r}.")
         if est.parameterization not in ("ntk", "standard"):
             raise ValueError(f"parameterization must be 'ntk' or 'standard', got {est.parameterization!r}.")
@@ -152,11 +153,11 @@ def validate_kernel_params(est: Any) -> None:
                              f"got {est.activation!r}.")
     else:
         ls = est.length_scale
-        if not (isinstance(ls, (int, float)) and not isinstance(ls, bool) and math.isfinite(ls) and ls > 0):
+        if not (isinstance(ls, numbers.Real) and not isinstance(ls, bool) and math.isfinite(ls) and ls > 0):
             raise ValueError(f"length_scale must be a finite number > 0, got {ls!r}.")
         if kernel == "gamma_exponential":
             g = est.gamma
-            if not (isinstance(g, (int, float)) and not isinstance(g, bool) and 0 < g <= 2):
+            if not (isinstance(g, numbers.Real) and not isinstance(g, bool) and 0 < g <= 2):
                 raise ValueError(f"gamma must lie in (0, 2] for a positive definite gamma-exponential kernel "
                                  f"(Rasmussen & Williams 2006, Sec. 4.2.1), got {g!r}.")
 

@@ -1,0 +1,20 @@
+"""scikit-learn's own estimator checks (the API contract: cloning, get/set_params, input
+validation, fitted attributes, pickling, invariances, ...) for every ntkit estimator."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from ntkit.estimators import NNGPClassifier, NNGPRegressor, NTKClassifier, NTKRegressor
+
+ESTIMATORS = [
+    NTKRegressor(),
+    NTKClassifier(),
+    NNGPRegressor(),
+    NNGPClassifier(),
+    NTKClassifier(solver="regression", depth=2),
+    NTKRegressor(kernel="laplace", diag_reg=0.1),
+]
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_contract(estimator, check):
+    check(estimator)
