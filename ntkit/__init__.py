@@ -1,8 +1,15 @@
 """ntkit: the Neural Tangent Kernel toolkit for PyTorch.
 
 One architecture description gives the exact infinite-width NNGP/NTK (``arch.kernel``) and the
-finite network in NTK or standard parameterization (``arch.init``).
+finite network in NTK or standard parameterization (``arch.init``). On top of it: the empirical NTK
+of any ``nn.Module``, training dynamics in function space, spectra and mean-field diagnostics, and
+scikit-learn estimators.
+
+Names from the higher layers are imported lazily (on first use), so ``import ntkit`` stays light and
+the optional scikit-learn dependency is needed only by the estimators.
 """
+
+from importlib import import_module
 
 from ._validation import ConfigError, MemoryBudgetError
 from .kernels import (ABRelu, Abs, Activation, Architecture, Cos, Dense, Elementwise, Erf, Exp, FanInSum, FanOut,
@@ -11,9 +18,29 @@ from .kernels import (ABRelu, Abs, Activation, Architecture, Cos, Dense, Element
 
 __version__ = "0.1.0"
 
+# public name -> submodule that defines it (imported on first access)
+_LAZY = {
+    **{name: "ntkit.estimators" for name in (
+        "NTKRegressor", "NTKClassifier", "NNGPRegressor", "NNGPClassifier",
+        "NTKKernel", "NNGPKernel", "LaplaceKernel", "GammaExponentialKernel")},
+}
+
 __all__ = [
     "ConfigError", "MemoryBudgetError",
     "ABRelu", "Abs", "Activation", "Architecture", "Cos", "Dense", "Elementwise", "Erf", "Exp", "FanInSum",
     "FanOut", "FiniteNetwork", "Gaussian", "Gelu", "Identity", "KernelFunction", "Layer", "LeakyRelu", "Monomial",
     "Parallel", "Polynomial", "Rbf", "Relu", "Serial", "Sign", "Sin", "from_config", "mlp", "residual", "serial",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ntkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
