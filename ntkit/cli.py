@@ -4,6 +4,8 @@ Commands
 --------
 demo     exact infinite-width kernels of a ReLU net and how finite networks approach them
 kernel   NNGP/NTK of an architecture config on inputs from .npy files, saved to .npz
+predict  predictions of the infinitely wide net trained by gradient flow on MSE, at any times
+uci      the UCI-90 benchmark protocol of Arora et al. 2020 (ntkit.experiments.uci)
 """
 
 from __future__ import annotations
@@ -80,7 +82,32 @@ def _kernel(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    import ntkit
+    from ntkit.dynamics import gradient_descent_mse
+
+    arch = ntkit.from_config(args.config)
+    x_train, y_train, x_test = np.load(args.x_train), np.load(args.y_train), np.load(args.x_test)
+    times = [float("inf") if t in ("inf", "infinity") else float(t) for t in args.times.split(",")]
+    t0 = time.perf_counter()
+    k = arch.kernel(x_train, get=args.kernel)
+    k_test = arch.kernel(x_test, x_train, get=args.kernel)
+    predictor = gradient_descent_mse(k, y_train, learning_rate=args.learning_rate, diag_reg=args.diag_reg)
+    pred = predictor.predict(times, k_test)
+    dt = time.perf_counter() - t0
+    out = {"times": np.asarray(times), "test": pred.test.cpu().numpy(), "train": pred.train.cpu().numpy()}
+    np.savez(args.out, **out)
+    print(f"wrote {args.out}: {args.kernel} predictions on {len(x_test)} test points at {len(times)} times "
+          f"({dt:.3f} s; loss normalised by y.size, learning rate {args.learning_rate})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "uci":  # hand every remaining option to the UCI runner's own parser
+        from ntkit.experiments import uci
+
+        return uci.main(argv[1:])
     parser = argparse.ArgumentParser(prog="ntkit", description="Neural Tangent Kernel toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="exact kernels of a ReLU net and finite nets approaching them")
@@ -98,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--out", default="kernels.npz")
     p.set_defaults(func=_kernel)
+    p = sub.add_parser("predict", help="gradient-flow (MSE) predictions of the infinitely wide net")
+    p.add_argument("--config", required=True, help="architecture config (.json/.yaml)")
+    p.add_argument("--x-train", required=True, help=".npy, (n, d)")
+    p.add_argument("--y-train", required=True, help=".npy, (n,) or (n, k)")
+    p.add_argument("--x-test", required=True, help=".npy, (m, d)")
+    p.add_argument("--times", default="inf", help="comma-separated times, 'inf' for kernel regression")
+    p.add_argument("--kernel", default="ntk", choices=["ntk", "nngp"])
+    p.add_argument("--learning-rate", type=float, default=1.0)
+    p.add_argument("--diag-reg", type=float, default=0.0, help="relative diagonal regularizer")
+    p.add_argument("--out", default="predictions.npz")
+    p.set_defaults(func=_predict)
+    sub.add_parser("uci", help="UCI-90 protocol of Arora et al. 2020 (see: ntkit uci --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 
