@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
+    **{name: "ntkit.empirical" for name in (
+        "empirical_ntk", "empirical_nngp", "KernelTracker", "monte_carlo_kernel")},
     **{name: "ntkit.dynamics" for name in (
         "gradient_descent_mse", "gradient_descent", "gradient_descent_mse_ensemble", "ensemble_from_architecture",
         "gp_inference", "linearize", "max_learning_rate", "MSEPredictor", "ODEPredictor", "EnsemblePredictor",

@@ -1,0 +1,217 @@
+"""Every empirical-NTK implementation against brute-force autograd (one backward per output and sample),
+on a zoo of models, to 1e-10 in float64; and bad input leaves the model exactly as it was."""
+
+import pytest
+import torch
+from torch import nn
+
+import ntkit
+from ntkit import MemoryBudgetError
+from ntkit.empirical import empirical_ntk
+
+IMPLS = ("jacobian", "ntk_vector", "structured", "auto")
+
+
+def brute_force_ntk(model, x1, x2, names, kwargs=None):
+    """Theta_ab(x, x') = sum_p df_a(x)/dp df_b(x')/dp, one autograd.grad call per sample and output."""
+    kwargs = kwargs or {}
+    params = dict(model.named_parameters())
+
+    def jac(x):
+        n = x.shape[0]
+        k = model(x[:1], **kwargs).reshape(1, -1).shape[1]
+        rows = torch.zeros(n, k, sum(params[nm].numel() for nm in names), dtype=torch.float64)
+        for i in range(n):
+            for a in range(k):
+                out = model(x[i:i + 1], **kwargs).reshape(1, -1)[0, a]
+                grads = torch.autograd.grad(out, [params[nm] for nm in names], allow_unused=True)
+                rows[i, a] = torch.cat([(g if g is not None else torch.zeros_like(params[nm])).reshape(-1)
+                                        for g, nm in zip(grads, names)])
+        return rows
+
+    return torch.einsum("iap,jbp->ijab", jac(x1), jac(x2))
+
+
+class Tied(nn.Module):
+    """The same Linear applied twice, and a Parameter shared by two Linears (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
+        self.b.weight = nn.Parameter(torch.randn(2, 6))
+        self.a.bias = self.inp.bias  # tied bias across modules
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        h = torch.tanh(self.shared(h)) + self.a(h)
+        return self.b(h)
+
+
+class WithKwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x, *, scale=1.0, shift=None):
+        h = torch.relu(self.l1(x) * scale)
+        return self.l2(h) + (0 if shift is None else shift)
+
+
+class SeqModel(nn.Module):
+    """Linear over a sequence dimension (weights shared over positions) and a Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4 * 5, 2)
+
+    def forward(self, x):  # x: (n, 2, 5)
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # (n, 5, 3)
+        h = torch.relu(self.lin(h))  # (n, 5, 4)
+        return self.out(h.reshape(h.shape[0], -1))
+
+
+def _zoo():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x_flat = (torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64))
+    mlp = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)).double()
+    multi = nn.Sequential(nn.Linear(5, 12), nn.GELU(), nn.Linear(12, 3)).double()
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2, stride=2),
+                        nn.ReLU(), nn.AvgPool2d(1), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).double()
+    x_img = (torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64),
+             torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64))
+    bn = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        bn[1].running_mean.uniform_(-1, 1)
+        bn[1].running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    frozen = nn.Sequential(nn.Linear(5, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2)).double()
+    for p in frozen[0].parameters():
+        p.requires_grad_(False)
+    tied = Tied().double()
+    x_tied = (torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64))
+    kw = WithKwargs().double()
+    x_kw = (torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64))
+    seq = SeqModel().double()
+    x_seq = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, generator=g, dtype=torch.float64))
+    ntk_net = ntkit.mlp(2, 12, activation="relu", W_std=1.4, b_std=0.3, input_dim=5).init(seed=0, out_dim=2)
+    std_net = ntkit.mlp(2, 12, activation=ntkit.Erf(), W_std=1.2, b_std=0.2, parameterization="standard",
+                        fixed_layers=1, input_dim=5).init(seed=1)
+    return {
+        "mlp": (mlp, x_flat, None, None),
+        "multi_output": (multi, x_flat, None, None),
+        "cnn_conv2d_pooling": (cnn, x_img, None, None),
+        "batchnorm_eval": (bn, x_flat, None, None),
+        "frozen_layers": (frozen, x_flat, None, None),
+        "tied_weights": (tied, x_tied, None, None),
+        "forward_kwargs": (kw, x_kw, None, {"scale": 0.7, "shift": 0.5}),
+        "param_subset": (mlp, x_flat, ["2.weight", "4.bias"], None),
+        "sequence_conv1d": (seq, x_seq, None, None),
+        "ntkit_ntk_param": (ntk_net, x_flat, None, None),
+        "ntkit_standard_frozen": (std_net, x_flat, None, None),
+    }
+
+
+ZOO = _zoo()
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_brute_force(name, impl):
+    model, (x1, x2), params, kwargs = ZOO[name]
+    names = params or [k for k, v in model.named_parameters() if v.requires_grad]
+    ref = brute_force_ntk(model, x1, x2, names, kwargs)
+    got = empirical_ntk(model, x1, x2, output="full", implementation=impl, params=params, model_kwargs=kwargs)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    # symmetric call (x2=None) uses the mirrored blocks
+    same = empirical_ntk(model, x1, output="full", implementation=impl, params=params, model_kwargs=kwargs,
+                         batch_size=2)
+    ref11 = brute_force_ntk(model, x1, x1, names, kwargs)
+    assert float((same - ref11).abs().max()) <= 1e-10 * float(ref11.abs().max())
+
+
+def test_output_forms_and_tied_parameters_counted_once():
+    model, (x1, x2), _, _ = ZOO["multi_output"]
+    full = empirical_ntk(model, x1, x2, output="full")
+    torch.testing.assert_close(empirical_ntk(model, x1, x2, output="diagonal"), torch.diagonal(full, dim1=2, dim2=3))
+    torch.testing.assert_close(empirical_ntk(model, x1, x2), torch.diagonal(full, dim1=2, dim2=3).mean(-1))
+    tied = ZOO["tied_weights"][0]
+    names = [k for k, _ in tied.named_parameters()]
+    assert "a.bias" not in names and "inp.bias" in names  # the shared Parameter appears once
+
+
+def test_train_mode_batchnorm_falls_back_and_is_not_updated():
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).double().train()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = empirical_ntk(model, x, implementation="auto", output="full")
+    b = empirical_ntk(model, x, implementation="jacobian", output="full")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="train-mode BatchNorm"):
+        empirical_ntk(model, x, implementation="structured")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics untouched
+    assert model.training
+
+
+class NotATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return {"out": self.l(x)}
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: v.requires_grad for k, v in model.named_parameters()},
+            [m.training for m in model.modules()])
+
+
+def _assert_unchanged(model, state):
+    sd, rg, modes = state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert {k: v.requires_grad for k, v in model.named_parameters()} == rg
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("case", ["unknown_param", "bad_shape", "not_tensor", "empty", "budget", "bad_option"])
+def test_bad_input_raises_and_leaves_model_unchanged(case):
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).double()
+    model[1].eval()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    state = _state(model)
+    if case == "unknown_param":
+        with pytest.raises(ValueError, match=r"unknown parameter name\(s\) \['nope'\]"):
+            empirical_ntk(model, x, params=["nope", "3.weight"])
+    elif case == "bad_shape":
+        with pytest.raises(ValueError, match="rejected inputs of shape"):
+            empirical_ntk(model, torch.randn(4, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="must match"):
+            empirical_ntk(model, x, torch.randn(2, 4, dtype=torch.float64))
+    elif case == "not_tensor":
+        m2 = NotATensor().double()
+        st2 = _state(m2)
+        with pytest.raises(TypeError, match="not a tensor"):
+            empirical_ntk(m2, x)
+        _assert_unchanged(m2, st2)
+    elif case == "empty":
+        with pytest.raises(ValueError, match="empty"):
+            empirical_ntk(model, x[:0])
+    elif case == "budget":
+        with pytest.raises(MemoryBudgetError, match="more than the budget"):
+            empirical_ntk(model, x, implementation="jacobian", memory_budget=100)
+    elif case == "bad_option":
+        with pytest.raises(ValueError, match="implementation must be one of"):
+            empirical_ntk(model, x, implementation="fast")
+        with pytest.raises(ValueError, match="output must be one of"):
+            empirical_ntk(model, x, output="trace_mean")
+    _assert_unchanged(model, state)
