@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
+    **{name: "ntkit.kernels.classic" for name in ("Laplace", "GammaExponential", "RBF")},
     **{name: "ntkit.empirical" for name in (
         "empirical_ntk", "empirical_nngp", "KernelTracker", "monte_carlo_kernel")},
     **{name: "ntkit.dynamics" for name in (

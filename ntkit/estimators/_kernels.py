@@ -4,11 +4,8 @@ One function, :func:`make_kernel_function`, turns the estimator parameters (``ke
 depth / activation / W_std / b_std / fixed layers / parameterization, or a config) into a
 :class:`ntkit.KernelFunction`.
 
-The classical distance kernels come from ``ntkit.kernels.classic`` (``Laplace``,
-``GammaExponential``, ``RBF``) when that module is installed *and* its convention agrees with the
-one documented here (checked numerically once per process, see :func:`_classic_matches`); otherwise
-a small private implementation with the conventions below is used, so a convention mismatch can
-never silently change a hyper-parameter grid:
+The classical distance kernels are those of ``ntkit.kernels.classic`` (``Laplace``,
+``GammaExponential``, ``RBF``), with the conventions:
 
 * Laplace:            k(x, x') = exp(-||x - x'|| / l)
 * gamma-exponential:  k(x, x') = exp(-(||x - x'|| / l)^gamma),  0 < gamma <= 2
@@ -26,103 +23,13 @@ import torch
 
 from .._validation import ConfigError
 from ..kernels import KernelFunction, from_config, mlp
+from ..kernels.classic import RBF, GammaExponential, Laplace
 
 __all__ = ["KERNELS", "make_kernel_function", "validate_kernel_params"]
 
 #: every value accepted by the ``kernel`` parameter of the estimators
 KERNELS = ("ntk", "nngp", "laplace", "gamma_exponential", "rbf")
 _ACTIVATIONS = ("relu", "abs", "gelu", "sign", "erf", "tanh", "identity")
-
-
-def _pairwise_distance(x1: torch.Tensor, x2: torch.Tensor, same: bool) -> torch.Tensor:
-    """Euclidean distances ||x1_i - x2_j|| (exact zeros on the diagonal when ``same``)."""
-    a = x1.reshape(x1.shape[0], -1)
-    b = x2.reshape(x2.shape[0], -1)
-    # the expanded form ||a||^2 + ||b||^2 - 2 a.b is fast; clamp its round-off below 0
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    sq = sq.clamp_min_(0.0)
-    if same:
-        sq.fill_diagonal_(0.0)
-    return sq.sqrt_()
-
-
-class _GammaExponential(KernelFunction):
-    """exp(-(||x - x'|| / l)^gamma) (Rasmussen & Williams 2006, Eq. 4.18); private fallback."""
-
-    def __init__(self, length_scale: float, gamma: float, name: str):
-        self.length_scale = float(length_scale)
-        self.gamma = float(gamma)
-        self.name = name
-
-    def _matrix(self, x1, x2, same):
-        r = _pairwise_distance(x1, x2, same) / self.length_scale
-        if self.gamma == 2.0:
-            return torch.exp(-0.5 * r * r) if self.name == "rbf" else torch.exp(-r * r)
-        return torch.exp(-r.pow(self.gamma))
-
-    def _diagonal(self, x1, x2):
-        a = x1.reshape(x1.shape[0], -1)
-        b = x2.reshape(x2.shape[0], -1)
-        r = (a - b).norm(dim=1) / self.length_scale
-        if self.name == "rbf":
-            return torch.exp(-0.5 * r * r)
-        return torch.exp(-r.pow(self.gamma))
-
-    def to_config(self):
-        cfg = {"kernel": self.name, "length_scale": self.length_scale}
-        if self.name == "gamma_exponential":
-            cfg["gamma"] = self.gamma
-        return cfg
-
-
-def _fallback(kernel: str, length_scale: float, gamma: float) -> KernelFunction:
-    if kernel == "laplace":
-        return _GammaExponential(length_scale, 1.0, "laplace")
-    if kernel == "rbf":
-        return _GammaExponential(length_scale, 2.0, "rbf")
-    return _GammaExponential(length_scale, gamma, "gamma_exponential")
-
-
-_CLASSIC_OK: dict[str, bool] = {}
-
-
-def _build_classic(kernel: str, length_scale: float, gamma: float) -> KernelFunction | None:
-    """The kernel from ``ntkit.kernels.classic`` if it exists and can be built, else None."""
-    try:
-        from ..kernels import classic  # noqa: PLC0415 - optional sibling module
-    except ImportError:
-        return None
-    cls_name = {"laplace": "Laplace", "gamma_exponential": "GammaExponential", "rbf": "RBF"}[kernel]
-    cls = getattr(classic, cls_name, None)
-    if cls is None:
-        return None
-    kwargs: dict[str, Any] = {"length_scale": length_scale}
-    if kernel == "gamma_exponential":
-        kwargs["gamma"] = gamma
-    try:
-        return cls(**kwargs)
-    except TypeError:
-        return None
-
-
-def _classic_matches(kernel: str) -> bool:
-    """Whether ``ntkit.kernels.classic`` implements ``kernel`` with the conventions of this module.
-
-    Checked once on two points at distance 1.5 with l = 0.7 (and gamma = 1.3), to 1e-12.
-    """
-    if kernel not in _CLASSIC_OK:
-        ok = False
-        kf = _build_classic(kernel, 0.7, 1.3)
-        if kf is not None:
-            x = torch.tensor([[0.0, 0.0], [0.9, 1.2]], dtype=torch.float64)
-            try:
-                got = kf(x)
-                want = _fallback(kernel, 0.7, 1.3)(x)
-                ok = tuple(got.shape) == (2, 2) and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-14))
-            except Exception:  # noqa: BLE001 - any failure means "do not use it"
-                ok = False
-        _CLASSIC_OK[kernel] = ok
-    return _CLASSIC_OK[kernel]
 
 
 def validate_kernel_params(est: Any) -> None:
@@ -207,8 +114,8 @@ def make_kernel_function(
         return arch.kernel_fn(kernel)
     if kernel not in KERNELS:
         raise ConfigError(f"kernel={kernel!r} is not supported; use one of {KERNELS}.")
-    if _classic_matches(kernel):
-        kf = _build_classic(kernel, length_scale, gamma)
-        if kf is not None:
-            return kf
-    return _fallback(kernel, length_scale, gamma)
+    if kernel == "laplace":
+        return Laplace(length_scale)
+    if kernel == "rbf":
+        return RBF(length_scale)
+    return GammaExponential(length_scale, gamma)

@@ -208,33 +208,18 @@ def test_gp_and_svc_accept_kernel_objects():
     np.testing.assert_array_equal(a, b)
 
 
-def test_classic_kernels_used_only_when_conventions_match(monkeypatch):
-    """``ntkit.kernels.classic`` (written separately) is used when its Laplace matches exp(-r/l);
-    a module with another convention (here exp(-r/(2l))) is ignored in favour of the fallback."""
-    import sys
-    import types
+def test_distance_kernels_come_from_ntkit_kernels_classic():
+    """The estimators' distance kernels are ntkit.kernels.classic's, with the documented conventions
+    (checked against scipy's cdist)."""
+    from ntkit.kernels.classic import RBF, GammaExponential, Laplace
 
-    from ntkit.estimators import _kernels
-    from ntkit.kernels import KernelFunction
-
-    def module(factor):
-        class Laplace(KernelFunction):
-            name = "laplace"
-
-            def __init__(self, length_scale=1.0):
-                self.length_scale = length_scale
-
-            def _matrix(self, x1, x2, same):
-                return torch.exp(-torch.cdist(x1, x2) / (factor * self.length_scale))
-
-        mod = types.ModuleType("ntkit.kernels.classic")
-        mod.Laplace = Laplace
-        return mod
-
-    for factor, used in [(1.0, True), (2.0, False)]:
-        mod = module(factor)
-        monkeypatch.setitem(sys.modules, "ntkit.kernels.classic", mod)
-        monkeypatch.setattr(_kernels, "_CLASSIC_OK", {})
-        kf = make_kernel_function("laplace", length_scale=0.8)
-        assert isinstance(kf, mod.Laplace) is used
-        np.testing.assert_allclose(kf(X, XT).numpy(), np.exp(-cdist(X, XT) / 0.8), rtol=1e-10)
+    r = cdist(X, XT)
+    kf = make_kernel_function("laplace", length_scale=0.8)
+    assert isinstance(kf, Laplace)
+    np.testing.assert_allclose(kf(X, XT).numpy(), np.exp(-r / 0.8), rtol=1e-10)
+    kf = make_kernel_function("gamma_exponential", length_scale=0.8, gamma=1.5)
+    assert isinstance(kf, GammaExponential)
+    np.testing.assert_allclose(kf(X, XT).numpy(), np.exp(-(r / 0.8) ** 1.5), rtol=1e-10)
+    kf = make_kernel_function("rbf", length_scale=0.8)
+    assert isinstance(kf, RBF)
+    np.testing.assert_allclose(kf(X, XT).numpy(), np.exp(-(r**2) / (2 * 0.8**2)), rtol=1e-10)
