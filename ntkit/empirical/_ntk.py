@@ -14,8 +14,15 @@ Three implementations, which must agree to rounding (tested against brute-force 
   the Jacobian: a Linear layer gives (a1 a2^T) (.) (g1 g2^T) (Hadamard product), a bias g1 g2^T, a
   convolution the same over patches and positions (a double sum over positions, since weights are
   shared). Parameters of any other module fall back to the Jacobian method, restricted to them.
-  Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact
-  (no train-mode BatchNorm); ``"auto"`` checks that.
+  Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact;
+  ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
+  samples one at a time (train-mode BatchNorm, normalisation over the batch or dropout fail the check),
+  and then uses the Jacobian or NTK-vector method on the whole batch instead.
+
+``"auto"`` chooses the implementation with the smallest FLOP count (:func:`cost_estimate`) among the
+valid ones whose block fits the memory budget (:func:`peak_memory_estimate`); every choice returns the
+same numbers (to rounding), so ``auto`` cannot be wrong the way a fast path with an unchecked
+assumption can.
 
 ``output="trace"`` (default) returns (n1, n2): the mean over output units of Theta_aa, which is the
 per-output kernel in the infinite-width limit; ``"full"`` (n1, n2, k, k); ``"diagonal"`` (n1, n2, k).
@@ -34,11 +41,12 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._validation import MemoryBudgetError, as_float_tensor, available_memory_bytes, format_bytes
 from ..kernels.layers import DenseModule
 
-__all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate"]
+__all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
+           "cost_estimate"]
 
 IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector", "structured")
 OUTPUTS = ("trace", "full", "diagonal")
-_STRUCTURED_TYPES = (nn.Linear, DenseModule, nn.Conv1d, nn.Conv2d)
+_NTK_VECTOR_CHUNK = 32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,16 +126,28 @@ def _reduce(theta_full: torch.Tensor, output: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # implementations on one block of inputs: each returns (n1, n2, k, k)
 # ---------------------------------------------------------------------------------------------------
-def _flat_jacobian(fwd: _Forward, params, x) -> torch.Tensor:
-    jac = jacrev(fwd)(params, x)  # name -> (n, k, *shape)
+def _flat_jacobian(fwd: _Forward, params, x, independent: bool = False) -> torch.Tensor:
+    """J(x) as (n, k, P). With independent samples, one Jacobian per sample (``vmap`` of ``jacrev`` of the
+    single-sample function: cost linear in n); otherwise ``jacrev`` of the whole batch (n k backward
+    passes over the batch: quadratic in n, but exact when samples interact, e.g. train-mode BatchNorm)."""
+    jac = None
+    if independent and x.shape[0] > 1:
+        def single(p, xi):
+            return fwd(p, xi.unsqueeze(0))[0]
+        try:
+            jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)  # name -> (n, k, *shape)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            jac = None  # an operation without a batching rule, or batched keyword tensors: whole-batch path
+    if jac is None:
+        jac = jacrev(fwd)(params, x)  # name -> (n, k, *shape)
     n, k = next(iter(jac.values())).shape[:2]
     return torch.cat([j.reshape(n, k, -1) for j in jac.values()], dim=-1)  # (n, k, P)
 
 
-def _ntk_jacobian(fwd, params, x1, x2):
-    j1 = _flat_jacobian(fwd, params, x1)
-    j2 = j1 if x2 is None else _flat_jacobian(fwd, params, x2)
-    return torch.einsum("iap,jbp->ijab", j1, j2)
+def _ntk_jacobian(fwd, params, x1, x2, independent=False, output="full"):
+    j1 = _flat_jacobian(fwd, params, x1, independent)
+    j2 = j1 if x2 is None else _flat_jacobian(fwd, params, x2, independent)
+    return _contract(j1, j2, output)
 
 
 def _ntk_vector(fwd, params, x1, x2):
@@ -141,7 +161,8 @@ def _ntk_vector(fwd, params, x1, x2):
         return out  # (n1, k)
 
     basis = torch.eye(n2 * k, dtype=f2.dtype, device=f2.device).reshape(n2 * k, n2, k)
-    cols = vmap(column)(basis)  # (n2 k, n1, k)
+    # at most _NTK_VECTOR_CHUNK cotangents at a time: live memory ~ chunk x (activations of x1 and x2)
+    cols = vmap(column, chunk_size=min(n2 * k, _NTK_VECTOR_CHUNK))(basis)  # (n2 k, n1, k)
     return cols.reshape(n2, k, -1, k).permute(2, 0, 3, 1)  # (n1, n2, k_a, k_b)
 
 
@@ -154,7 +175,7 @@ class _Recorder:
         pid = {id(v): k for k, v in model.named_parameters()}
         self.covered: set[str] = set()
         for m in model.modules():
-            if isinstance(m, _STRUCTURED_TYPES):
+            if _module_supported(m):
                 names = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
                 if any(n in params for n in names):
                     self.handles.append(m.register_forward_hook(self._hook))
@@ -211,79 +232,113 @@ def _weight_scales(module) -> tuple[float, float]:
 
 
 def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Module):
-    """Run one forward with hooks and k backward passes; return per parameter-group the (patches,
-    cotangents) of every use, plus the output dimension k."""
+    """One forward with hooks and k backward passes.
+
+    Returns ``(calls, uses, k)``: ``calls[c] = (patches (n, L, d), cotangents (n, k, L, c))`` for every call
+    of a structured layer, and ``uses[name] = [(c, is_weight, scale), ...]`` the calls in which each
+    selected parameter takes part (tied weights: several), with the parameterization's scale factor."""
     rec = _Recorder(model, params)
     try:
-        p = {k: v.detach().requires_grad_(False) for k, v in params.items()}
         with torch.enable_grad():
             # parameters as fresh leaves, so the hooked layers' outputs are graph nodes we can differentiate to
-            leaf_params = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+            leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
             out = fwd(leaf_params, x)
             n, k = out.shape
             node_outs = [c[2] for c in rec.calls]
-            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True)
+            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=a < k - 1, allow_unused=True)
                      for a in range(k)]
     finally:
         rec.remove()
-    groups: dict[str, list] = {}
+    calls, uses = [], {}
     pid = {id(v): name for name, v in model.named_parameters()}
     for idx, (module, a, o) in enumerate(rec.calls):
         g = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o) for b in range(k)], 1)
+        calls.append((_patches(module, a.detach()), _cotangent_positions(module, g.detach())))
         ws, bs = _weight_scales(module)
         w_name = pid.get(id(module.weight))
         b_name = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
-        pa = _patches(module, a.detach())
-        gc = _cotangent_positions(module, g.detach())
         if w_name in params:
-            groups.setdefault(w_name, []).append((pa * ws, gc))
+            uses.setdefault(w_name, []).append((idx, True, ws))
         if b_name in params:
-            groups.setdefault(b_name, []).append((None, gc * bs))
-    return groups, k
+            uses.setdefault(b_name, []).append((idx, False, bs))
+    return calls, uses, k
 
 
-def _group_contribution(uses1, uses2) -> torch.Tensor:
-    """sum over uses u, v and positions p, p' of (a1 . a2)(g1 . g2): (n1, n2, k, k)."""
-    total = None
-    for a1, g1 in uses1:
-        for a2, g2 in uses2:
-            if a1 is None:  # bias: sum over positions of g, then g1 g2^T
-                s1, s2 = g1.sum(2), g2.sum(2)  # (n, k, out)
-                term = torch.einsum("iac,jbc->ijab", s1, s2)
-            elif a1.shape[1] == 1 and a2.shape[1] == 1:  # one position: (a1 a2^T) (.) (g1 g2^T)
-                term = torch.einsum("id,jd->ij", a1[:, 0], a2[:, 0])[:, :, None, None] * \
-                    torch.einsum("iac,jbc->ijab", g1[:, :, 0], g2[:, :, 0])
-            else:  # weights shared over positions p: sum_{p,p'} (a1_p . a2_p') (g1_p . g2_p')
-                L1, L2, d, c = a1.shape[1], a2.shape[1], a1.shape[2], g1.shape[3]
-                if L1 * L2 * (d + c) <= d * c:  # few positions: contract over position pairs
-                    aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
-                    term = torch.einsum("ijpq,iapc,jbqc->ijab", aa, g1, g2)
-                else:  # many positions: per-sample weight gradients (d x c), then their inner products
-                    m1 = torch.einsum("ipd,iapc->iadc", a1, g1)
-                    m2 = m1 if (a2 is a1 and g2 is g1) else torch.einsum("ipd,iapc->iadc", a2, g2)
-                    term = torch.einsum("iadc,jbdc->ijab", m1, m2)
-            total = term if total is None else total + term
-    return total
+def _contract(u1: torch.Tensor, u2: torch.Tensor, output: str) -> torch.Tensor:
+    """sum_f u1[i, a, f] u2[j, b, f] for u of shape (n, k, F), reduced as ``output`` asks -- one matmul:
+    "full" (n1, n2, k, k); "diagonal" (n1, n2, k) (a = b only); "trace" (n1, n2), the mean over a of the
+    diagonal (never forming the k x k blocks)."""
+    n1, k, f = u1.shape
+    n2 = u2.shape[0]
+    if output == "trace":
+        return (u1.reshape(n1, k * f) @ u2.reshape(n2, k * f).T).div_(k)
+    if output == "diagonal":
+        return torch.bmm(u1.transpose(0, 1), u2.permute(1, 2, 0)).permute(1, 2, 0)
+    return (u1.reshape(n1 * k, f) @ u2.reshape(n2 * k, f).T).reshape(n1, k, n2, k).permute(0, 2, 1, 3)
 
 
-def _ntk_structured(fwd: _Forward, params, x1, x2, model):
+def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
+    """A per-pair factor (n1, n2) shaped to multiply a reduced output."""
+    return aa if output == "trace" else aa[:, :, None] if output == "diagonal" else aa[:, :, None, None]
+
+
+def _pair_term(call1, call2, weight: bool, output: str, cache: dict, key) -> torch.Tensor:
+    """Contribution of one (use in x1, use in x2) pair of a weight or bias, unscaled.
+
+    One position (a Linear on flat input): (a1 a2^T) (.) (g1 g2^T), and g1 g2^T alone for the bias -- the
+    product g1 g2^T is computed once per call pair and shared by weight and bias. Weights shared over
+    positions p (convolutions, Linear over a sequence): sum_{p, p'} (a1_p . a2_p') (g1_p . g2_p'),
+    contracted over position pairs when there are few, otherwise through per-sample weight gradients."""
+    (a1, g1), (a2, g2) = call1, call2
+    L1, L2 = a1.shape[1], a2.shape[1]
+    if L1 == 1 and L2 == 1:
+        if ("gg", key) not in cache:
+            cache["gg", key] = _contract(g1[:, :, 0], g2[:, :, 0], output)
+        if not weight:
+            return cache["gg", key]
+        return _expand(a1[:, 0] @ a2[:, 0].T, output) * cache["gg", key]
+    if not weight:  # bias: sum over positions of g
+        return _contract(g1.sum(2), g2.sum(2), output)
+    d, c = a1.shape[2], g1.shape[3]
+    if L1 * L2 * (d + c) <= d * c:  # few positions: contract over position pairs
+        aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
+        spec = {"full": "ijab", "diagonal": "ija", "trace": "ij"}[output]
+        term = torch.einsum(f"ijpq,iapc,j{'a' if output != 'full' else 'b'}qc->{spec}", aa, g1, g2)
+        return term.div_(g1.shape[1]) if output == "trace" else term
+    # many positions: per-sample weight gradients (n, k, d c), then their inner products
+    if ("m1", key[0]) not in cache:
+        cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
+    m1 = cache["m1", key[0]]
+    m2 = m1 if call2 is call1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
+    return _contract(m1, m2, output)
+
+
+def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full"):
+    """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     rec = _Recorder(model, params)
     covered = set(rec.covered)
     rec.remove()
-    groups1, k = _structured_features(fwd, params, x1, model)
-    groups2 = groups1 if x2 is None else _structured_features(fwd, params, x2, model)[0]
+    calls1, uses1, k = _structured_features(fwd, params, x1, model)
+    calls2, uses2 = (calls1, uses1) if x2 is None else _structured_features(fwd, params, x2, model)[:2]
     n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
     theta = None
-    for name in groups1:
-        term = _group_contribution(groups1[name], groups2[name])
-        theta = term if theta is None else theta + term
+    cache: dict = {}
+    for name, us1 in uses1.items():
+        for c1, weight, s1 in us1:
+            for c2, _, s2 in uses2.get(name, ()):
+                term = _pair_term(calls1[c1], calls2[c2], weight, output, cache, (c1, c2))
+                scale = s1 * s2
+                if theta is None:
+                    theta = term * scale if scale != 1.0 else term.clone()
+                else:
+                    theta.add_(term, alpha=scale)
     rest = {k_: v for k_, v in params.items() if k_ not in covered}
     if rest:  # parameters without known structure: Jacobian contraction over just those
-        term = _ntk_jacobian(fwd_rest(fwd, params, rest), rest, x1, x2)
-        theta = term if theta is None else theta + term
+        term = _ntk_jacobian(fwd_rest(fwd, params, rest), rest, x1, x2, independent=True, output=output)
+        theta = term if theta is None else theta.add_(term)
     if theta is None:
-        dtype = x1.dtype
-        theta = torch.zeros((n1, n2, k, k), dtype=dtype, device=x1.device)
+        shape = {"full": (n1, n2, k, k), "diagonal": (n1, n2, k), "trace": (n1, n2)}[output]
+        theta = torch.zeros(shape, dtype=x1.dtype, device=x1.device)
     return theta
 
 
@@ -303,16 +358,38 @@ def _has_train_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
-def _structured_ok(model: nn.Module) -> bool:
-    """Structured derivatives need per-sample independence and the conv variants handled here."""
-    if _has_train_batchnorm(model):
+def _module_supported(m: nn.Module) -> bool:
+    """Layers whose parameter Jacobian the structured path assembles from inputs and cotangents; the
+    parameters of any other module (grouped or circular-padded convolutions, embeddings, attention, ...)
+    go through the Jacobian method, restricted to them."""
+    if isinstance(m, (nn.Linear, DenseModule)):
+        return True
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1
+    if isinstance(m, nn.Conv1d):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return False
+
+
+def _samples_independent(fwd: "_Forward", params, t1: torch.Tensor, t2: torch.Tensor | None) -> bool:
+    """Whether the model treats the samples of a batch independently: the output of a small batch must
+    equal the outputs of its samples run one at a time (to sqrt(eps) relative). Batch-coupled models
+    (train-mode BatchNorm, normalisation over the batch, ...) fail; structured derivatives and
+    per-sample Jacobians are exact only for independent samples, so ``auto`` must know."""
+    probe = torch.cat([t1[:2]] + ([] if t2 is None else [t2[:1]]))
+    if probe.shape[0] < 2:
+        return True  # a single sample: nothing to couple
+    try:
+        with torch.no_grad():
+            together = fwd(params, probe)
+            apart = torch.cat([fwd(params, probe[i:i + 1]) for i in range(probe.shape[0])])
+    except (RuntimeError, ValueError):  # e.g. train-mode BatchNorm refuses a batch of one
         return False
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            return False
-        if isinstance(m, nn.Conv1d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            return False
-    return True
+    if together.shape != apart.shape:
+        return False
+    scale = float(together.abs().max())
+    tol = torch.finfo(together.dtype).eps ** 0.5 * max(scale, 1e-30)
+    return bool((together - apart).abs().max() <= tol)
 
 
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
@@ -355,9 +432,10 @@ def empirical_ntk(
     output : {"trace", "full", "diagonal"}
         (n1, n2) mean over output units of Theta_aa; (n1, n2, k, k); or (n1, n2, k).
     implementation : {"auto", "jacobian", "ntk_vector", "structured"}
-        See the module docstring. ``auto`` uses the structured path when it is valid for the model
-        (no train-mode BatchNorm, supported conv variants) and otherwise the cheaper of the other two
-        by the memory model :func:`peak_memory_estimate`; all paths return the same numbers.
+        See the module docstring. ``auto`` takes the cheapest valid path by the FLOP model
+        :func:`cost_estimate` among those that fit the memory budget (:func:`peak_memory_estimate`);
+        the structured path is valid when the samples of a batch do not interact (checked on a
+        probe batch). All paths return the same numbers.
     params : iterable of parameter names, optional
         Restrict the kernel to these parameters (e.g. ``["body.4.weight"]``); by default all
         parameters with ``requires_grad=True`` (frozen ones are excluded). Tied weights count once.
@@ -391,26 +469,33 @@ def empirical_ntk(
     snap = _snapshot(model)
     try:
         fwd = _Forward(model, chosen, model_kwargs)
+        coupled_bn = _has_train_batchnorm(model)
         try:
             with torch.no_grad():
-                probe = fwd(chosen, t1 if _has_train_batchnorm(model) else t1[:1])
+                rec = _Recorder(model, chosen)
+                try:
+                    probe = fwd(chosen, t1 if coupled_bn else t1[:1])
+                finally:
+                    rec.remove()
         except (TypeError, ValueError):
             raise
         except RuntimeError as exc:
             raise ValueError(f"the model rejected inputs of shape {tuple(t1.shape)}: {exc}") from None
+        independent = not coupled_bn and _samples_independent(fwd, chosen, t1, t2)
         k = probe.shape[1]
         n1 = t1.shape[0]
         n2 = n1 if t2 is None else t2.shape[0]
         n_params = sum(v.numel() for v in chosen.values())
-        width_sum = _width_sum(model, chosen, t1 if _has_train_batchnorm(model) else t1[:1], fwd)
+        width_sum, layer_flops = _layer_sizes(rec.calls)
+        budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
+        item = torch.finfo(dtype).bits // 8
         impl = implementation
         if impl == "auto":
-            impl = "structured" if _structured_ok(model) else min(
-                ("jacobian", "ntk_vector"),
-                key=lambda m: peak_memory_estimate(m, min(n1, 64), min(n2, 64), k, n_params, width_sum))
-        elif impl == "structured" and not _structured_ok(model):
-            raise ValueError("implementation='structured' assumes samples do not interact and plain convolutions; "
-                             "this model has train-mode BatchNorm or grouped/padded-mode convolutions. Use "
+            impl = _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget)
+        elif impl == "structured" and not independent:
+            raise ValueError("implementation='structured' assumes the model treats the samples of a batch "
+                             "independently, but its output for a batch differs from its outputs for the samples "
+                             "one at a time (train-mode BatchNorm, batch normalisation, dropout, ...). Use "
                              "implementation='jacobian' (or 'auto'), or call model.eval() first.")
         budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
         item = torch.finfo(dtype).bits // 8
@@ -421,7 +506,7 @@ def empirical_ntk(
                 bs = (bs + 1) // 2
         if int(bs) != bs or bs < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if _has_train_batchnorm(model):  # batch statistics couple the samples: the batch is one block
+        if not independent:  # the samples interact (e.g. batch statistics): the batch is one block
             bs = max(n1, n2)
         need = peak_memory_estimate(impl, min(bs, n1), min(bs, n2), k, n_params, width_sum, item)
         if need > budget:
@@ -437,8 +522,7 @@ def empirical_ntk(
             for j0 in range(i0 if t2 is None else 0, n2, bs):
                 same_block = t2 is None and i0 == j0
                 b = None if same_block else (t1 if t2 is None else t2)[j0:j0 + bs]
-                theta = _block(impl, fwd, chosen, a, b, model)
-                block = _reduce(theta, output)
+                block = _block(impl, fwd, chosen, a, b, model, independent, output)
                 result[i0:i0 + a.shape[0], j0:j0 + block.shape[1]] = block
                 if t2 is None and not same_block:
                     result[j0:j0 + block.shape[1], i0:i0 + a.shape[0]] = block.transpose(0, 1).transpose(2, 3) \
@@ -448,29 +532,62 @@ def empirical_ntk(
         _restore_check(model, snap)
 
 
-def _block(impl, fwd, params, a, b, model):
+def _block(impl, fwd, params, a, b, model, independent, output):
+    """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
-        return _ntk_jacobian(fwd, params, a, b)
+        return _ntk_jacobian(fwd, params, a, b, independent, output)
     if impl == "ntk_vector":
-        return _ntk_vector(fwd, params, a, b)
-    return _ntk_structured(fwd, params, a, b, model)
+        return _reduce(_ntk_vector(fwd, params, a, b), output)
+    return _ntk_structured(fwd, params, a, b, model, output)
 
 
-def _width_sum(model, params, x, fwd) -> int:
-    """Sum over structured layers of output channels x positions (for the structured memory model)."""
-    rec = _Recorder(model, params)
-    try:
-        with torch.no_grad():
-            fwd(params, x)
-    finally:
-        rec.remove()
-    total = 0
-    for m, a, o in rec.calls:
-        pa = _patches(m, a[:1]) if _structured_ok(model) else a[:1].reshape(1, 1, -1)
+def _layer_sizes(calls) -> tuple[int, int]:
+    """(W, F) for the cost models, from the structured layers' calls recorded on a probe forward:
+    W = sum of output and input sizes per sample (cotangent and activation numbers kept by the
+    structured path), F = their forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
+    width, flops = 0, 0
+    for m, a, o in calls:
+        pa = _patches(m, a[:1])
         positions, d = pa.shape[1], pa.shape[2]
         c = o[0].numel() // max(positions, 1)
-        total += int(o[0].numel() + pa.numel() + min(positions * positions * (d + c), d * c))
-    return max(total, 1)
+        width += int(o[0].numel() + pa.numel() + min(positions * positions * (d + c), d * c))
+        flops += 2 * positions * d * c
+    return max(width, 1), max(flops, 1)
+
+
+def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, layer_flops: int,
+                  width_sum: int, independent: bool = True) -> float:
+    """Documented FLOP model of one (n1 x n2) block, used by ``auto`` together with the memory model.
+
+    F = forward FLOPs per sample (structured layers, plus 2 per other parameter); W = the structured
+    layers' sizes as in :func:`peak_memory_estimate`.
+
+    * jacobian:   (n1 + n2) k 3F  (one backward per sample and output; x (n1 + n2) if the samples are
+      coupled and the whole batch is differentiated) + 2 n1 n2 k^2 P (the contraction)
+    * ntk_vector: n2 k (n1 + n2) 3F (a vjp over x2 and a jvp over x1 per cotangent)
+    * structured: (n1 + n2)(1 + 2k) F (forward, k backwards) + 2 n1 n2 k^2 W (per-layer contractions
+      of inputs and cotangents)
+    """
+    f = float(layer_flops) + 2.0 * n_params
+    if implementation == "jacobian":
+        passes = (n1 + n2) * k * 3 * f * (1 if independent else (n1 + n2))
+        return passes + 2.0 * n1 * n2 * k * k * n_params
+    if implementation == "ntk_vector":
+        return n2 * k * (n1 + n2) * 3 * f
+    return (n1 + n2) * (1 + 2 * k) * f + 2.0 * n1 * n2 * k * k * width_sum
+
+
+def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget) -> str:
+    """``auto``: the cheapest valid implementation (FLOP model) among those whose block fits the budget
+    (memory model); structured derivatives only when the samples are independent."""
+    cands = (["structured"] if independent else []) + ["jacobian", "ntk_vector"]
+    b1, b2 = min(n1, 256), min(n2, 256)
+
+    def fits(m):
+        return peak_memory_estimate(m, min(n1, 16), min(n2, 16), k, n_params, width_sum, item) <= budget
+
+    ok = [m for m in cands if fits(m)] or cands
+    return min(ok, key=lambda m: cost_estimate(m, b1, b2, k, n_params, layer_flops, width_sum, independent))
 
 
 def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: Mapping | None = None) -> torch.Tensor:

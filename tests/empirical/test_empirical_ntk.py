@@ -98,6 +98,9 @@ def _zoo():
     x_kw = (torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64))
     seq = SeqModel().double()
     x_seq = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64), torch.randn(2, 2, 5, generator=g, dtype=torch.float64))
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Tanh(), nn.Conv2d(4, 3, 3, padding=1,
+                                                                            padding_mode="circular"),
+                            nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).double()
     ntk_net = ntkit.mlp(2, 12, activation="relu", W_std=1.4, b_std=0.3, input_dim=5).init(seed=0, out_dim=2)
     std_net = ntkit.mlp(2, 12, activation=ntkit.Erf(), W_std=1.2, b_std=0.2, parameterization="standard",
                         fixed_layers=1, input_dim=5).init(seed=1)
@@ -111,6 +114,7 @@ def _zoo():
         "forward_kwargs": (kw, x_kw, None, {"scale": 0.7, "shift": 0.5}),
         "param_subset": (mlp, x_flat, ["2.weight", "4.bias"], None),
         "sequence_conv1d": (seq, x_seq, None, None),
+        "grouped_circular_conv": (grouped, x_img, None, None),
         "ntkit_ntk_param": (ntk_net, x_flat, None, None),
         "ntkit_standard_frozen": (std_net, x_flat, None, None),
     }
@@ -128,6 +132,12 @@ def test_matches_brute_force(name, impl):
     got = empirical_ntk(model, x1, x2, output="full", implementation=impl, params=params, model_kwargs=kwargs)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    # the reduced forms are computed directly (never through the k x k blocks): check them too
+    ref_diag = torch.diagonal(ref, dim1=2, dim2=3)
+    for output, want in (("diagonal", ref_diag), ("trace", ref_diag.mean(-1))):
+        red = empirical_ntk(model, x1, x2, output=output, implementation=impl, params=params, model_kwargs=kwargs)
+        assert red.shape == want.shape
+        assert float((red - want).abs().max()) <= 1e-10 * float(ref.abs().max()), output
     # symmetric call (x2=None) uses the mirrored blocks
     same = empirical_ntk(model, x1, output="full", implementation=impl, params=params, model_kwargs=kwargs,
                          batch_size=2)
@@ -215,3 +225,47 @@ def test_bad_input_raises_and_leaves_model_unchanged(case):
         with pytest.raises(ValueError, match="output must be one of"):
             empirical_ntk(model, x, output="trace_mean")
     _assert_unchanged(model, state)
+
+
+class BatchCentred(nn.Module):
+    """Eval-mode model whose samples interact: it subtracts the batch mean of a hidden layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        return self.l2(h - h.mean(0, keepdim=True))
+
+
+def test_auto_detects_interacting_samples_and_stays_exact():
+    """auto must never be wrong: for a batch-coupled model the per-sample fast paths are invalid, so auto
+    falls back to whole-batch differentiation and equals J(X) J(X)^T of the batch function; structured
+    refuses with a clear error."""
+    torch.manual_seed(3)
+    model = BatchCentred().double().eval()
+    x = torch.randn(5, 5, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (x,)))(params)
+    j = torch.cat([v.reshape(5, 2, -1) for v in jac.values()], dim=-1)
+    ref = torch.einsum("iap,jbp->ijab", j, j)
+    got = empirical_ntk(model, x, output="full", implementation="auto")
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="independently"):
+        empirical_ntk(model, x, implementation="structured")
+    # a per-sample computation would differ: the check is not vacuous
+    wrong = empirical_ntk(nn.Sequential(model.l1, nn.Tanh(), model.l2), x, output="full")
+    assert float((wrong - ref).abs().max()) > 1e-3 * float(ref.abs().max())
+
+
+def test_cost_model_orders_the_implementations():
+    from ntkit.empirical._ntk import cost_estimate
+    # MLP 784-512-512-512-1 on 256 inputs: structured << jacobian, ntk_vector
+    p = 784 * 512 + 2 * 512 * 512 + 512 + 3 * 512 + 1
+    f = 2 * (784 * 512 + 2 * 512 * 512 + 512)
+    w = 2 * (784 + 4 * 512 + 1) + 3 * 512
+    costs = {m: cost_estimate(m, 256, 256, 1, p, f, w) for m in ("structured", "jacobian", "ntk_vector")}
+    assert costs["structured"] < costs["jacobian"] / 10 and costs["structured"] < costs["ntk_vector"] / 10
+    # coupled samples make the whole-batch Jacobian quadratic in n
+    assert cost_estimate("jacobian", 256, 256, 1, p, f, w, independent=False) > 10 * costs["jacobian"]
