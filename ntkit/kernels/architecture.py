@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, format_bytes,
+from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
 from ._state import KernelState
 from .base import KernelFunction
@@ -312,7 +312,7 @@ class Architecture:
         var1 = (xs1 * xs1).sum(1)
         var2 = var1 if same else (xs2 * xs2).sum(1)
         need_ntk = "ntk" in names
-        outs = {name: torch.empty((n1, n2), dtype=t1.dtype, device=t1.device) for name in names}
+        outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
         ctx = KernelContext(self.parameterization)
         for i0 in range(0, n1, block):
             i1 = min(i0 + block, n1)

@@ -176,7 +176,7 @@ class Dense(Layer):
         # Sigma and the variances q must go through bitwise-identical operations (no fused multiply-add
         # on one and not the other): then Sigma(x, x) == q(x) exactly, the self-correlation stays exactly 1,
         # and in the chaotic phase (chi_1 > 1) no rounding difference can grow like chi_1^depth.
-        nngp = k.nngp * w2 + b2 if w2 != 1.0 or b2 != 0.0 else k.nngp
+        nngp = torch.mul(k.nngp, w2).add_(b2) if w2 != 1.0 or b2 != 0.0 else k.nngp
         var1, var2 = k.var1 * w2 + b2, k.var2 * w2 + b2
         ntk = k.ntk
         if ntk is not None:
