@@ -27,6 +27,11 @@ _LAZY = {
         "gradient_descent_mse", "gradient_descent", "gradient_descent_mse_ensemble", "ensemble_from_architecture",
         "gp_inference", "linearize", "max_learning_rate", "MSEPredictor", "ODEPredictor", "EnsemblePredictor",
         "LinearizedModel")},
+    **{name: "ntkit.spectra" for name in (
+        "eigendecomposition", "condition_number", "effective_rank", "kernel_pca", "convergence_times",
+        "target_projections", "mean_field", "phase_diagram", "critical_weight_variance", "depth_profile",
+        "mercer_eigenvalues", "decay_exponent", "harmonic_multiplicity", "MeanField", "DepthProfile",
+        "MercerSpectrum")},
     **{name: "ntkit.estimators" for name in (
         "NTKRegressor", "NTKClassifier", "NNGPRegressor", "NNGPClassifier",
         "NTKKernel", "NNGPKernel", "LaplaceKernel", "GammaExponentialKernel")},
