@@ -8,6 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "ntkit"
 # level of each top-level module/subpackage; a module may import only from its own level or lower
 LEVELS = {
     "_validation": 0,
+    "_linalg": 0,
     "kernels": 0,
     "empirical": 1,
     "features": 2,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._linalg import symmetric_eigh
 from .._validation import resolve_dtype
 from ..kernels.base import KernelFunction
 
@@ -133,21 +134,9 @@ def regularize(k: torch.Tensor, diag_reg: float, absolute: bool) -> tuple[torch.
     return k + eps * torch.eye(n, dtype=k.dtype, device=k.device), eps
 
 
-def eigh(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition, ascending eigenvalues.
-
-    On the CPU for n >= 512 this calls LAPACK's divide-and-conquer ``syevd`` through scipy (about 1.4x
-    faster than ``torch.linalg.eigh`` here at n = 4000); elsewhere (CUDA, small n) ``torch.linalg.eigh``.
-    """
-    if k.device.type == "cpu" and k.shape[0] >= 512 and k.dtype in (torch.float32, torch.float64):
-        try:
-            import scipy.linalg as sl
-
-            w, v = sl.eigh(k.detach().numpy(), driver="evd", check_finite=False)
-            return torch.from_numpy(w).to(k.dtype), torch.from_numpy(v).to(k.dtype)
-        except Exception:  # pragma: no cover - fall back to torch on any LAPACK problem
-            pass
-    return torch.linalg.eigh(k)
+def eigh(k: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition, ascending eigenvalues (see :func:`ntkit._linalg.symmetric_eigh`)."""
+    return symmetric_eigh(k, overwrite=overwrite)
 
 
 def times(t: Any, *, discrete: bool = False, dtype=torch.float64, device=None) -> tuple[torch.Tensor, bool]:

@@ -83,7 +83,7 @@ class MSEPredictor:
         self.c = self.learning_rate / self.m
         self.k_train_train = k
         kr, self.diag_reg = regularize(k, diag_reg, diag_reg_absolute_scale)
-        lam, vec = eigh(kr)
+        lam, vec = eigh(kr, overwrite=kr is not k)  # kr is our own copy when regularized
         lam, vec = lam.flip(0), vec.flip(1)
         self.eigenvalues, self.eigenvectors = lam, vec
         lmax = float(lam.abs().max()) if self.n else 0.0

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._linalg import symmetric_eigh
 from .._validation import as_float_tensor
 
 __all__ = ["Spectrum", "check_kernel_matrix", "eigendecomposition", "condition_number", "effective_rank",
@@ -85,7 +86,7 @@ def eigendecomposition(k: Any, top_k: int | None = None, *, name: str = "kernel"
     if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_k is None or top_k >= n // 2:
-        vals, vecs = torch.linalg.eigh(t)
+        vals, vecs = symmetric_eigh(t, overwrite=True)  # t is check_kernel_matrix's own copy
         vals = _clip_psd(vals.flip(0), name)
         vecs = vecs.flip(1)
         if top_k is not None:
