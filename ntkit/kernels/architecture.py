@@ -219,6 +219,12 @@ class Architecture:
             return self.with_width(width).kernel(x1, x2, get, diagonal=diagonal, dtype=dtype, device=device,
                                                  memory_budget=memory_budget, block_size=block_size)
         dt = resolve_dtype(dtype)
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
+            raise NotImplementedError(
+                "arch.kernel is not differentiable with respect to its inputs: the exact kernels are computed "
+                "tile by tile with in-place operations (and the arc-cosine kernels have infinite slope at "
+                "correlation +-1). Pass x.detach(), or call it under torch.no_grad(); for gradients of a "
+                "kernel with respect to data use the empirical NTK of a wide finite network.")
         t1, t2 = check_pair(x1, x2, dtype=dt, device=device)
         self._check_features(t1)
         if diagonal:

@@ -123,3 +123,13 @@ def test_overflow_is_reported_not_returned():
     arch = ntkit.mlp(200, activation=ntkit.Exp(1.0, 1.0), W_std=2.0, b_std=0.0)
     with pytest.raises(FloatingPointError, match="overflowed"):
         arch.kernel(np.ones((3, 2)))
+
+
+def test_inputs_requiring_grad_get_a_clear_error():
+    arch = ntkit.mlp(2, activation="relu", W_std=1.4, b_std=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        arch.kernel(x)
+    with torch.no_grad():
+        k = arch.kernel(x, get="ntk")
+    torch.testing.assert_close(k, arch.kernel(x.detach(), get="ntk"))
