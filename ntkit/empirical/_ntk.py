@@ -162,31 +162,139 @@ def _ntk_vector(fwd, params, x1, x2):
 
     basis = torch.eye(n2 * k, dtype=f2.dtype, device=f2.device).reshape(n2 * k, n2, k)
     # at most _NTK_VECTOR_CHUNK cotangents at a time: live memory ~ chunk x (activations of x1 and x2)
-    cols = vmap(column, chunk_size=min(n2 * k, _NTK_VECTOR_CHUNK))(basis)  # (n2 k, n1, k)
+    try:
+        cols = vmap(column, chunk_size=min(n2 * k, _NTK_VECTOR_CHUNK))(basis)  # (n2 k, n1, k)
+    except NotImplementedError as exc:
+        if "forward AD" not in str(exc) and "forward-mode" not in str(exc):
+            raise
+        raise NotImplementedError(
+            "implementation='ntk_vector' needs forward-mode AD (jvp) through every operation of the model, and "
+            f"torch has none for one of them ({exc}). Use implementation='jacobian' or 'structured' (or 'auto', "
+            "which never picks a method the model cannot run).") from None
     return cols.reshape(n2, k, -1, k).permute(2, 0, 3, 1)  # (n1, n2, k_a, k_b)
 
 
 class _Recorder:
-    """Forward hooks on structured modules: record each call's input (as patches) and output tensor."""
+    """Forward hooks on structured modules: record each call's input and output tensor.
 
-    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor]):
+    ``names`` selects the modules (those owning one of these parameter names). With ``clone_outputs``
+    each hook returns a copy of the output, so that an in-place operation downstream
+    (``nn.ReLU(inplace=True)``) changes the copy and the recorded tensor stays the layer's output node in
+    the autograd graph; ``versions`` holds the outputs' version counters at record time (to detect such
+    operations when not copying)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], clone_outputs: bool = True):
+        names = set(names)
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.versions: list[int] = []
         self.handles = []
+        self.clone_outputs = clone_outputs
         pid = {id(v): k for k, v in model.named_parameters()}
         self.covered: set[str] = set()
         for m in model.modules():
             if _module_supported(m):
-                names = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
-                if any(n in params for n in names):
+                own = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+                if any(n in names for n in own):
                     self.handles.append(m.register_forward_hook(self._hook))
-                    self.covered.update(n for n in names if n in params)
+                    self.covered.update(n for n in own if n in names)
 
     def _hook(self, module, inputs, output):
         self.calls.append((module, inputs[0], output))
+        self.versions.append(output._version)
+        if self.clone_outputs and isinstance(output, torch.Tensor):
+            return output.clone()
+        return None
 
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def _module_param_names(module: nn.Module, pid: Mapping[int, str]) -> tuple[str | None, str | None]:
+    w = pid.get(id(module.weight))
+    b = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
+    return w, b
+
+
+def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn.Module) -> set[str]:
+    """The parameters whose NTK contribution the structured path assembles correctly for this model.
+
+    Structured derivatives rebuild a parameter's Jacobian from the inputs and output cotangents of the
+    recorded layer calls, which is right only if (i) every use of the parameter goes through those calls
+    (not ``x @ layer.weight`` elsewhere, nor ``F.linear(x, out_proj.weight)`` inside attention), and (ii) the
+    layer sees the batch along its first axis. Both are checked on a probe batch: with a random cotangent
+    on sample 0 only, the gradient of each parameter by autograd (sample 0's own gradient) must equal the
+    one rebuilt from sample 0's recorded patches and cotangents (to sqrt(eps)). Parameters that fail go
+    to the Jacobian method, so ``structured`` and ``auto`` stay exact for any model."""
+    rec = _Recorder(model, params)
+    cand = sorted(rec.covered)
+    if not cand:
+        rec.remove()
+        return set()
+    try:
+        with torch.enable_grad():
+            leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            out = fwd(leaf, probe)
+            gen = torch.Generator(device="cpu").manual_seed(1234)
+            v = torch.randn(out.shape[1:], generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+            nodes = [c[2] for c in rec.calls]
+            grads = torch.autograd.grad((out[0] * v).sum(), nodes + [leaf[c] for c in cand], allow_unused=True)
+    finally:
+        rec.remove()
+    g_nodes, g_true = grads[:len(nodes)], dict(zip(cand, grads[len(nodes):]))
+    n = probe.shape[0]
+    pid = {id(p): name for name, p in model.named_parameters()}
+    # compare sketches U^T G W (3 x 3 random projections) rather than whole weight gradients: a mismatch
+    # survives a Gaussian sketch with probability 1, and the rebuilt side never forms the c x d matrix
+    sketch: dict[str, tuple] = {}
+    rebuilt: dict[str, torch.Tensor] = {}
+    failed: set[str] = set()
+    for (module, a, o), g in zip(rec.calls, g_nodes):
+        w_name, b_name = _module_param_names(module, pid)
+        if g is None:
+            continue  # the output does not depend on this call
+        try:
+            if a.shape[0] != n or o.shape[0] != n:
+                raise ValueError("batch not along the first axis")
+            pa = _patches(module, a.detach())[0]  # sample 0: (L, d)
+            gc = _cotangent_positions(module, g.detach().unsqueeze(1))[0, 0]  # (L, c)
+            if pa.shape[0] != gc.shape[0]:
+                raise ValueError("positions do not match")
+        except (ValueError, RuntimeError, NotImplementedError):
+            failed.update(x for x in (w_name, b_name) if x is not None)
+            continue
+        ws, bs = _weight_scales(module)
+        if w_name in g_true:
+            if w_name not in sketch:
+                sketch[w_name] = (torch.randn(gc.shape[1], 3, generator=gen, dtype=torch.float64).to(gc),
+                                  torch.randn(pa.shape[1], 3, generator=gen, dtype=torch.float64).to(pa))
+            u, w = sketch[w_name]
+            term = (gc @ u).T @ (pa @ w) * ws  # U^T (sum_p g_p a_p^T) W
+            rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
+        if b_name in g_true:
+            term = gc.sum(0) * bs
+            rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
+    ok = set()
+    for name in cand:
+        if name in failed:
+            continue
+        true, mine = g_true[name], rebuilt.get(name)
+        if true is None:
+            if mine is None or float(mine.abs().max()) == 0.0:
+                ok.add(name)  # the parameter does not influence the output at all
+            continue
+        if name in sketch:
+            u, w = sketch[name]
+            scale = float(torch.linalg.vector_norm(true)) * 3.0
+            true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
+        else:
+            scale = float(torch.linalg.vector_norm(true))
+            true = true.reshape(-1)
+        if mine is None or mine.shape != true.shape:
+            continue
+        if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
+            ok.add(name)
+    return ok
 
 
 def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -231,18 +339,29 @@ def _weight_scales(module) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Module):
+def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Module, names: set[str]):
     """One forward with hooks and k backward passes.
 
     Returns ``(calls, uses, k)``: ``calls[c] = (patches (n, L, d), cotangents (n, k, L, c))`` for every call
     of a structured layer, and ``uses[name] = [(c, is_weight, scale), ...]`` the calls in which each
-    selected parameter takes part (tied weights: several), with the parameterization's scale factor."""
-    rec = _Recorder(model, params)
+    selected parameter of ``names`` takes part (tied weights: several), with the parameterization's scale."""
+    for clone in (False, True):
+        # first without copying layer outputs; if an in-place operation downstream changed a recorded
+        # output (its version counter moved), again with the hooks returning copies
+        rec = _Recorder(model, names, clone_outputs=clone)
+        try:
+            with torch.enable_grad():
+                # parameters as fresh leaves, so the hooked layers' outputs are graph nodes to differentiate to
+                leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
+                out = fwd(leaf_params, x)
+        except BaseException:
+            rec.remove()
+            raise
+        if clone or all(o._version == ver for o, ver in zip((c[2] for c in rec.calls), rec.versions)):
+            break
+        rec.remove()
     try:
         with torch.enable_grad():
-            # parameters as fresh leaves, so the hooked layers' outputs are graph nodes we can differentiate to
-            leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
-            out = fwd(leaf_params, x)
             n, k = out.shape
             node_outs = [c[2] for c in rec.calls]
             grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=a < k - 1, allow_unused=True)
@@ -257,9 +376,9 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
         ws, bs = _weight_scales(module)
         w_name = pid.get(id(module.weight))
         b_name = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
-        if w_name in params:
+        if w_name in names:
             uses.setdefault(w_name, []).append((idx, True, ws))
-        if b_name in params:
+        if b_name in names:
             uses.setdefault(b_name, []).append((idx, False, bs))
     return calls, uses, k
 
@@ -313,13 +432,13 @@ def _pair_term(call1, call2, weight: bool, output: str, cache: dict, key) -> tor
     return _contract(m1, m2, output)
 
 
-def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full"):
+def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full", verified: set | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
-    rec = _Recorder(model, params)
-    covered = set(rec.covered)
-    rec.remove()
-    calls1, uses1, k = _structured_features(fwd, params, x1, model)
-    calls2, uses2 = (calls1, uses1) if x2 is None else _structured_features(fwd, params, x2, model)[:2]
+    if verified is None:
+        verified = _verified_structured(fwd, params, x1[:3], model)
+    covered = set(verified)
+    calls1, uses1, k = _structured_features(fwd, params, x1, model, covered)
+    calls2, uses2 = (calls1, uses1) if x2 is None else _structured_features(fwd, params, x2, model, covered)[:2]
     n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
     theta = None
     cache: dict = {}
@@ -497,8 +616,10 @@ def empirical_ntk(
                              "independently, but its output for a batch differs from its outputs for the samples "
                              "one at a time (train-mode BatchNorm, batch normalisation, dropout, ...). Use "
                              "implementation='jacobian' (or 'auto'), or call model.eval() first.")
-        budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
-        item = torch.finfo(dtype).bits // 8
+        verified = None
+        if impl == "structured":  # which parameters the structured path may take (the rest: Jacobian)
+            probe_x = t1[:3] if t1.shape[0] >= 2 or t2 is None else torch.cat([t1, t2[:2]])
+            verified = _verified_structured(fwd, chosen, probe_x, model)
         bs = batch_size
         if bs is None:
             bs = max(n1, n2)
@@ -522,7 +643,7 @@ def empirical_ntk(
             for j0 in range(i0 if t2 is None else 0, n2, bs):
                 same_block = t2 is None and i0 == j0
                 b = None if same_block else (t1 if t2 is None else t2)[j0:j0 + bs]
-                block = _block(impl, fwd, chosen, a, b, model, independent, output)
+                block = _block(impl, fwd, chosen, a, b, model, independent, output, verified)
                 result[i0:i0 + a.shape[0], j0:j0 + block.shape[1]] = block
                 if t2 is None and not same_block:
                     result[j0:j0 + block.shape[1], i0:i0 + a.shape[0]] = block.transpose(0, 1).transpose(2, 3) \
@@ -532,13 +653,13 @@ def empirical_ntk(
         _restore_check(model, snap)
 
 
-def _block(impl, fwd, params, a, b, model, independent, output):
+def _block(impl, fwd, params, a, b, model, independent, output, verified=None):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
         return _ntk_jacobian(fwd, params, a, b, independent, output)
     if impl == "ntk_vector":
         return _reduce(_ntk_vector(fwd, params, a, b), output)
-    return _ntk_structured(fwd, params, a, b, model, output)
+    return _ntk_structured(fwd, params, a, b, model, output, verified)
 
 
 def _layer_sizes(calls) -> tuple[int, int]:
