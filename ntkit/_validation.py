@@ -7,6 +7,7 @@ Errors name what was wrong (with values) and say what to do about it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from typing import Any
@@ -223,6 +224,9 @@ def check_memory(needed_bytes: float, budget_bytes: float | None, what: str, hin
     """
     if budget_bytes is None:
         budget_bytes = 0.9 * available_memory_bytes()
+    if isinstance(budget_bytes, bool) or not (isinstance(budget_bytes, numbers.Real) and math.isfinite(budget_bytes)
+                                               and budget_bytes > 0):
+        raise ValueError(f"memory_budget must be a positive finite number of bytes, got {budget_bytes!r}")
     if needed_bytes > budget_bytes:
         raise MemoryBudgetError(
             f"{what} needs {format_bytes(needed_bytes)}, more than the memory budget of "

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .._validation import as_float_tensor
 from ._ntk import empirical_nngp, empirical_ntk
 
 __all__ = ["KernelTracker", "monte_carlo_kernel", "MonteCarloKernel"]
@@ -98,11 +99,14 @@ def monte_carlo_kernel(architecture, x1: Any, x2: Any = None, *, width: int | Se
     dict name -> MonteCarloKernel for a tuple.
     """
     names = (get,) if isinstance(get, str) else tuple(get)
+    bad = [n for n in names if n not in ("nngp", "ntk")]
+    if bad or not names:
+        raise ValueError(f"get must be 'nngp', 'ntk' or a tuple of them, got {get!r}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise ValueError("monte_carlo_kernel needs at least 2 seeds to estimate a standard error")
-    x1t = torch.as_tensor(x1, dtype=dtype)
-    x2t = None if x2 is None else torch.as_tensor(x2, dtype=dtype)
+    x1t = as_float_tensor(x1, "x1", dtype=dtype, min_ndim=1)
+    x2t = None if x2 is None else as_float_tensor(x2, "x2", dtype=dtype, min_ndim=1)
     d = int(math.prod(x1t.shape[1:]))
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for s in seed_list:

@@ -31,6 +31,11 @@ class KernelState:
     gaussian : bool
         Whether the current activations are Gaussian pre-activations (the output of an affine
         layer, possibly summed over residual branches), which the activation dual kernels require.
+    deps : frozenset
+        The fan-outs whose input these activations are a weight-free function of (no Dense layer
+        since the fan-out). Two branches that share one are correlated, and adding them needs
+        their cross-covariance, which ``FanInSum`` refuses to guess; a Dense layer resets it (its
+        fresh zero-mean weights make the branch uncorrelated with everything else).
     """
 
     nngp: torch.Tensor
@@ -39,6 +44,7 @@ class KernelState:
     var2: torch.Tensor
     width: int | None
     gaussian: bool
+    deps: frozenset = frozenset()
 
     def replace(self, **changes) -> "KernelState":
         return replace(self, **changes)

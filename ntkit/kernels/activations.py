@@ -93,6 +93,9 @@ class Activation(Layer):
 
     # -- layer protocol -------------------------------------------------------------------------
     def apply_kernel(self, k: KernelState, ctx) -> KernelState:
+        if isinstance(k, tuple):
+            raise ConfigError(f"activation {self.layer_name!r} applied to unmerged branches: after fanout, use "
+                              "parallel([...]) for the branches and fanin_sum to merge them")
         if not k.gaussian:
             raise ConfigError(
                 f"activation {self.layer_name!r} must act on Gaussian pre-activations: put a Dense layer "
@@ -101,7 +104,7 @@ class Activation(Layer):
         nngp, dot = self.dual(k.nngp, k.var1, k.var2, derivative=k.ntk is not None)
         ntk = None if k.ntk is None else k.ntk * dot
         return KernelState(nngp=nngp, ntk=ntk, var1=self.variance(k.var1), var2=self.variance(k.var2),
-                           width=k.width, gaussian=False)
+                           width=k.width, gaussian=False, deps=k.deps)
 
     def build_module(self, in_features, ctx):
         return _ActivationModule(self), in_features
@@ -636,6 +639,8 @@ class Elementwise(Activation):
             raise ConfigError(f"Elementwise needs a callable or a function name, got {fn!r}")
         if int(deg) < 2:
             raise ConfigError(f"deg must be an integer >= 2, got {deg!r}")
+        if int(max_order) < 1 or not (0 < float(tol) < 1):
+            raise ConfigError(f"max_order must be >= 1 and 0 < tol < 1, got max_order={max_order!r}, tol={tol!r}")
         self.deg = int(deg)
         self.max_order = int(max_order)
         self.tol = float(tol)
@@ -664,10 +669,13 @@ class Elementwise(Activation):
             (g,) = torch.autograd.grad(y.sum(), xg)
         return y.detach(), g.detach()
 
-    def _compute_coefficients(self, values: torch.Tensor, derivative: bool):
+    def _compute_coefficients(self, values: torch.Tensor, derivative: bool, upto: int | None = None):
         """Hermite coefficients of phi (and phi') for each variance in ``values`` (float64, CPU), each
-        row truncated at its own order: the first m whose tail energy is below ``tol`` E[phi^2]."""
+        row truncated at its own order: the first m whose tail energy is below ``tol`` E[phi^2]; with
+        ``upto``, exactly the first ``upto`` coefficients of every row (no truncation search)."""
         order = min(self.max_order, self.deg)
+        if upto is not None:
+            order = min(max(int(upto), 1), self.deg)
         z, w, sw, h = _hermite_table(self.deg, order)
         zt, wt, swt, ht = (torch.as_tensor(a, dtype=torch.float64) for a in (z, w, sw, h))
         x = torch.sqrt(values.clamp_min(0))[:, None] * zt[None, :]
@@ -683,6 +691,10 @@ class Elementwise(Activation):
             weighted = vals * swt
             energy = (vals * vals * wt).sum(-1)  # E[phi^2] per variance (Parseval: = sum_m b_m^2)
             limit = self.tol * energy.abs().clamp_min(1e-300)
+            if upto is not None:
+                coeffs = weighted @ ht[:order].T
+                out.append([coeffs[i].clone() for i in range(coeffs.shape[0])])
+                continue
             m = 64  # double the number of terms until every row's tail energy is below tol
             while True:
                 m = min(m, order)
@@ -725,6 +737,17 @@ class Elementwise(Activation):
         if missing:
             fn_rows, d_rows = self._compute_coefficients(uniq[missing], derivative)
             for j, i in enumerate(missing):
+                memo[keys[i]] = (fn_rows[j], None if d_rows is None else d_rows[j])
+        # One common order M for all rows. Truncating each row at its own order M_i (zero-padding the
+        # rest) would cut the cross series sum_m b_m(q1) b_m(q2) rho^m at min(M_1, M_2), an error up to
+        # sqrt(tol) relative (Cauchy-Schwarz) when the variances differ; with both rows carried to
+        # M >= max(M_i) it is at most tol sqrt(E[phi(u)^2] E[phi(v)^2]).
+        need = max(len(memo[key][w]) for key in keys for w in ((0, 1) if derivative else (0,)))
+        short = [i for i, key in enumerate(keys)
+                 if any(len(memo[key][w]) < need for w in ((0, 1) if derivative else (0,)))]
+        if short:
+            fn_rows, d_rows = self._compute_coefficients(uniq[short], derivative, upto=need)
+            for j, i in enumerate(short):
                 memo[keys[i]] = (fn_rows[j], None if d_rows is None else d_rows[j])
         results = []
         for which in (0, 1) if derivative else (0,):
@@ -776,4 +799,5 @@ class Elementwise(Activation):
         if not self._named:
             raise ConfigError(f"{self!r} wraps an unnamed Python function and cannot be written to a config; "
                               "build it with Elementwise('tanh') (a name) to make it serialisable.")
-        return {"layer": "numerical", "fn": self.fn_name, "deg": self.deg}
+        return {"layer": "numerical", "fn": self.fn_name, "deg": self.deg, "max_order": self.max_order,
+                "tol": self.tol}

@@ -305,6 +305,8 @@ class Architecture:
             while block > 16 and _LIVE_TILES * block * block * item + 2 * block * d * item > left:
                 block //= 2
         else:
+            if isinstance(block_size, bool) or int(block_size) != block_size:
+                raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
             block = int(block_size)
             if block < 1:
                 raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

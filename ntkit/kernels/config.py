@@ -62,10 +62,14 @@ LAYER_SCHEMA: dict[str, tuple[Callable[..., Layer], dict, dict]] = {
     "gaussian": (Gaussian, {"a": _float("a"), "b": _float("b")}, {}),
     "monomial": (Monomial, {"degree": _any("degree")}, {}),
     "polynomial": (lambda coef: Polynomial(tuple(coef)), {"coef": _any("coef")}, {}),
-    # "deg" is a lower bound on the number of quadrature nodes: ntkit's 1-D rule needs more nodes than the
-    # 2-D rule of neural-tangents for the same accuracy, and is cheap.
-    "numerical": (lambda fn, deg=2000: Elementwise(fn, deg=max(int(deg), 2000)),
-                  {"fn": _any("fn")}, {"deg": (_any("deg"), 2000)}),
+    # In a neural-tangents config (no "tol"), "deg" is a lower bound on the number of quadrature nodes:
+    # ntkit's 1-D rule needs more nodes than neural-tangents' 2-D rule for the same accuracy, and is cheap.
+    # A config written by ntkit carries "max_order" and "tol", and its "deg" is taken as it is.
+    "numerical": (lambda fn, deg=2000, max_order=None, tol=None: Elementwise(
+                      fn, deg=int(deg) if tol is not None else max(int(deg), 2000),
+                      max_order=1000 if max_order is None else int(max_order), tol=1e-13 if tol is None else tol),
+                  {"fn": _any("fn")}, {"deg": (_any("deg"), 2000), "max_order": (_any("max_order"), None),
+                                       "tol": (_any("tol"), None)}),
     "fanout": (FanOut, {"num": _any("num")}, {}),
     "parallel": (lambda branches: Parallel(branches), {"branches": _branches}, {}),
     "serial": (lambda layers: Serial([layer_from_config(d, "serial") for d in layers]),
@@ -134,6 +138,9 @@ def _load(config: Any) -> dict:
         except Exception as exc:
             raise ConfigError(f"config is neither a path, JSON nor YAML: {exc}") from None
     if not isinstance(data, dict):
+        if not stripped.startswith(("{", "[")) and "\n" not in stripped and ":" not in stripped:
+            raise ConfigError(f"config {config!r} is neither an existing file nor a JSON/YAML mapping; pass a path "
+                              "to a .json/.yaml file, a JSON string or a dict")
         raise ConfigError("config must describe a mapping with a 'layers' key")
     return data
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -163,6 +164,9 @@ class Dense(Layer):
     layer_name = "dense"
 
     def __post_init__(self):
+        if not isinstance(self.trainable, (bool, np.bool_)):
+            raise ConfigError(f"dense trainable must be true or false, got {self.trainable!r}")
+        object.__setattr__(self, "trainable", bool(self.trainable))
         if self.out_dim is not None and (int(self.out_dim) != self.out_dim or self.out_dim < 1):
             raise ConfigError(f"dense out_dim must be a positive integer or None, got {self.out_dim!r}")
         object.__setattr__(self, "W_std", check_nonnegative(self.W_std, "dense W_std"))
@@ -171,6 +175,9 @@ class Dense(Layer):
             object.__setattr__(self, "out_dim", int(self.out_dim))
 
     def apply_kernel(self, k: KernelState, ctx: KernelContext) -> KernelState:
+        if isinstance(k, tuple):
+            raise ConfigError("dense applied to unmerged branches: after fanout, use parallel([...]) for the "
+                              "branches and fanin_sum to merge them")
         w2 = self.W_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
         # Sigma and the variances q must go through bitwise-identical operations (no fused multiply-add
@@ -242,7 +249,9 @@ class FanOut(Layer):
     def apply_kernel(self, k, ctx):
         if isinstance(k, tuple):
             raise ConfigError("fanout applied to branches that were not merged; add fanin_sum first")
-        return tuple([k] * self.num)
+        token = object()  # this fan-out: the branches are functions of one input until a Dense layer
+        branch = k.replace(deps=k.deps | {token})
+        return tuple([branch] * self.num)
 
     def build_module(self, in_features, ctx):
         return _FanOutModule(self.num), tuple([in_features] * self.num)
@@ -262,8 +271,11 @@ class _FanOutModule(nn.Module):
 
 @dataclass(frozen=True)
 class FanInSum(Layer):
-    """Add the branches elementwise. Kernels add, because the branches are independent zero-mean
-    Gaussian processes (cross terms vanish when each non-identity branch ends in its own affine layer)."""
+    """Add the branches elementwise. Kernels add, because the branches are uncorrelated zero-mean
+    Gaussian processes: the cross terms vanish when every branch but one ends in its own Dense layer
+    (fresh zero-mean weights). Branches that are both weight-free functions of the same fan-out input
+    (e.g. ``residual(Relu())``: x + relu(x)) are correlated, and the kernel refuses them with a
+    ConfigError rather than return a wrong number."""
 
     layer_name = "fanin_sum"
 
@@ -273,6 +285,15 @@ class FanInSum(Layer):
         widths = {k.width for k in ks if k.width is not None}
         if len(widths) > 1:
             raise ConfigError(f"fanin_sum adds branches of different widths {sorted(widths)}; they must match")
+        for i in range(len(ks)):
+            for j in range(i + 1, len(ks)):
+                if ks[i].deps & ks[j].deps:
+                    raise ConfigError(
+                        f"fanin_sum adds branches {i} and {j}, which are both weight-free functions of the same "
+                        "fan-out input (neither has a Dense layer of its own after the fanout), so they are "
+                        "correlated and the kernel of their sum needs their cross-covariance, which ntkit does "
+                        "not compute. End every branch but one with a Dense layer, as in the usual residual "
+                        "block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
         ntks = [k.ntk for k in ks]
         ntk = None if any(t is None for t in ntks) else sum(ntks[1:], ntks[0])
         return KernelState(
@@ -282,6 +303,7 @@ class FanInSum(Layer):
             var2=sum((k.var2 for k in ks[1:]), ks[0].var2),
             width=next(iter(widths)) if widths else None,
             gaussian=all(k.gaussian for k in ks),
+            deps=frozenset().union(*(k.deps for k in ks)),
         )
 
     def build_module(self, in_features, ctx):

@@ -129,3 +129,16 @@ def test_variance_is_the_diagonal_of_the_dual():
         q = torch.tensor([0.3, 1.0, 2.5], dtype=torch.float64)
         diag = act.dual(q, q, q, derivative=False)[0]
         torch.testing.assert_close(act.variance(q), diag, rtol=1e-11, atol=1e-14)
+
+
+def test_elementwise_accurate_when_the_two_variances_differ():
+    """Each variance's Hermite series is carried to one common order: truncating each at its own order
+    cuts the cross series at the smaller one (an error up to sqrt(tol) ~ 3e-7 here, not 1e-13)."""
+    quad, closed = ntkit.Elementwise("erf"), ntkit.Erf()
+    for q1, q2 in ((0.05, 20.0), (20.0, 0.05), (0.3, 7.0)):
+        v1, v2 = torch.tensor([q1], dtype=torch.float64), torch.tensor([q2], dtype=torch.float64)
+        for r in (0.99, 0.5, -0.9):
+            c = r * (v1 * v2).sqrt()
+            (n_q, d_q), (n_c, d_c) = quad.dual(c, v1, v2), closed.dual(c.clone(), v1, v2)
+            assert abs(float(n_q / n_c) - 1) < 1e-11, (q1, q2, r)
+            assert abs(float(d_q / d_c) - 1) < 1e-11, (q1, q2, r)

@@ -82,3 +82,16 @@ def test_unnamed_function_cannot_be_serialised():
     arch = ntkit.serial(ntkit.Dense(4), ntkit.Elementwise(lambda x: x * torch.sigmoid(x)), ntkit.Dense(1))
     with pytest.raises(ntkit.ConfigError, match="cannot be written to a config"):
         arch.to_config()
+
+
+def test_elementwise_settings_round_trip_and_trainable_must_be_boolean():
+    arch = ntkit.serial(ntkit.Dense(None, 1.0, 0.1), ntkit.Elementwise("tanh", deg=500, max_order=300, tol=1e-12),
+                        ntkit.Dense(1, 1.0))
+    back = ntkit.from_config(arch.to_config())
+    assert back == arch and back.to_config() == arch.to_config()
+    # a neural-tangents config (no "tol") still gets at least 2000 nodes
+    nt_style = ntkit.from_config({"layers": [{"layer": "dense", "W_std": 1.0, "b_std": 0.0},
+                                             {"layer": "numerical", "fn": "tanh", "deg": 25}]})
+    assert nt_style.layers[1].deg == 2000
+    with pytest.raises(ntkit.ConfigError, match="trainable must be true or false"):
+        ntkit.from_config({"layers": [{"layer": "dense", "W_std": 1.0, "b_std": 0.0, "trainable": "no"}]})

@@ -133,3 +133,35 @@ def test_inputs_requiring_grad_get_a_clear_error():
     with torch.no_grad():
         k = arch.kernel(x, get="ntk")
     torch.testing.assert_close(k, arch.kernel(x.detach(), get="ntk"))
+
+
+def test_correlated_branches_are_refused_not_summed_wrongly():
+    """x + x, or x + relu(x): both branches are weight-free functions of one fan-out input, so the kernel of
+    the sum needs cross-covariances; adding the branch kernels (what an independence assumption does) would
+    give K(x + x) = 2 K(x) instead of 4 K(x). The standard residual block (a Dense in the branch) is fine."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    twice = ntkit.serial(ntkit.Dense(None, 1.0, 0.0), ntkit.FanOut(2),
+                         ntkit.Parallel([[ntkit.Identity()], [ntkit.Identity()]]), ntkit.FanInSum(),
+                         ntkit.Dense(1, 1.0, 0.0))
+    with pytest.raises(ConfigError, match="correlated"):
+        twice.kernel(x)
+    with pytest.raises(ConfigError, match="correlated"):
+        ntkit.serial(ntkit.Dense(None, 1.0, 0.0), ntkit.residual(ntkit.Relu()), ntkit.Dense(1, 1.0)).kernel(x)
+    # nested: the inner sum still depends on the outer fan-out input through its identity branch
+    inner = ntkit.residual(ntkit.Relu(), ntkit.Dense(None, 1.0, 0.1))
+    nested = ntkit.serial(ntkit.Dense(None, 1.0, 0.0), ntkit.FanOut(2), ntkit.Parallel([[ntkit.Identity()], [inner]]),
+                          ntkit.FanInSum(), ntkit.Dense(1, 1.0))
+    with pytest.raises(ConfigError, match="correlated"):
+        nested.kernel(x)
+    ok = ntkit.serial(ntkit.Dense(None, 1.0, 0.0), inner, ntkit.residual(ntkit.Relu(), ntkit.Dense(None, 1.0, 0.1)),
+                      ntkit.Relu(), ntkit.Dense(1, 1.0))
+    k = ok.kernel(x, get="nngp")
+    assert torch.isfinite(k).all()
+
+
+def test_unmerged_branches_get_a_config_error():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for arch in (ntkit.serial(ntkit.Dense(3), ntkit.FanOut(2), ntkit.Dense(1)),
+                 ntkit.serial(ntkit.Dense(3), ntkit.FanOut(2), ntkit.Relu(), ntkit.Dense(1))):
+        with pytest.raises(ConfigError, match="unmerged branches"):
+            arch.kernel(x)
