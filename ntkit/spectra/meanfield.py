@@ -17,7 +17,9 @@ networks", Sec. 3-4):
 
 All expectations come from the activation's own dual kernel (``act.dual``, closed form or quadrature), so
 every ntkit activation works. Iterations are bounded: a diverging length map (q* = infinity) is reported as
-NaN in a phase diagram, or as a ValueError for a single point -- never a hang.
+NaN in a phase diagram, as a ValueError for a single point (:func:`mean_field`), and as an all-NaN
+``MeanField`` with phase "undefined" in a depth profile (whose kernels are finite at every finite depth) --
+never a hang.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .._validation import ConfigError, as_float_tensor
@@ -51,7 +54,10 @@ class MeanField(NamedTuple):
     chi_c_star: float
     xi_1: float
     xi_star: float
-    phase: str  # "ordered", "chaotic" or "critical"
+    phase: str  # "ordered", "chaotic" or "critical"; "undefined" (all fields NaN) only in a DepthProfile
+
+
+_UNDEFINED = MeanField(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, "undefined")
 
 
 def _act(activation: Any) -> Activation:
@@ -191,13 +197,8 @@ def mean_field(activation: Any, W_std: float, b_std: float | None = 0.0, *, q0: 
         When the length map has no finite fixed point (q grows without bound with depth) or does not
         settle within ``max_iter`` iterations.
     """
-    act = _act(activation)
-    w2, b2 = float(W_std) ** 2, float(b_std or 0.0) ** 2
-    if not (math.isfinite(w2) and float(W_std) > 0 and math.isfinite(b2) and float(b_std or 0.0) >= 0):
-        raise ValueError(f"W_std must be > 0 and b_std >= 0 (finite), got W_std={W_std!r}, b_std={b_std!r}")
-    r = _core(act, torch.tensor([w2], dtype=torch.float64), torch.tensor([b2], dtype=torch.float64), q0=q0,
-              max_iter=max_iter, critical_tol=critical_tol)
-    st = int(r["status"][0])
+    mf, st, w2, b2 = _mean_field_status(_act(activation), W_std, b_std, q0=q0, max_iter=max_iter,
+                                        critical_tol=critical_tol)
     if st == 2:
         raise ValueError(f"the length map diverges at sigma_w^2 = {w2:.6g}, sigma_b^2 = {b2:.6g}: no finite q* "
                          "(the pre-activation variance grows without bound with depth); lower W_std")
@@ -205,10 +206,29 @@ def mean_field(activation: Any, W_std: float, b_std: float | None = 0.0, *, q0: 
         raise ValueError(f"the length map did not settle within max_iter={max_iter} iterations at sigma_w^2 = "
                          f"{w2:.6g}, sigma_b^2 = {b2:.6g} (a marginally diverging or extremely slow fixed point); "
                          "raise max_iter or move away from this point")
+    return mf
+
+
+def _mean_field_status(act: Activation, W_std: float, b_std: float | None, *, q0: float = 1.0,
+                       max_iter: int = 5_000, critical_tol: float = 1e-6) -> tuple[MeanField, int, float, float]:
+    """(MeanField, status of the length map (1 converged, 2 diverged, 0 not settled), sigma_w^2, sigma_b^2);
+    the MeanField is ``_UNDEFINED`` (all NaN) unless the status is 1. Validates W_std > 0, b_std >= 0."""
+    try:
+        w_std, b_val = float(W_std), float(b_std or 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"W_std and b_std must be numbers, got W_std={W_std!r}, b_std={b_std!r}") from None
+    w2, b2 = w_std ** 2, b_val ** 2
+    if not (math.isfinite(w2) and w_std > 0 and math.isfinite(b2) and b_val >= 0):
+        raise ValueError(f"W_std must be > 0 and b_std >= 0 (finite), got W_std={W_std!r}, b_std={b_std!r}")
+    r = _core(act, torch.tensor([w2], dtype=torch.float64), torch.tensor([b2], dtype=torch.float64), q0=q0,
+              max_iter=max_iter, critical_tol=critical_tol)
+    st = int(r["status"][0])
+    if st != 1:
+        return _UNDEFINED, st, w2, b2
     chi1, chic = float(r["chi_1"][0]), float(r["chi_c_star"][0])
     phase = {-1.0: "ordered", 0.0: "critical", 1.0: "chaotic"}[float(r["phase"][0])]
-    return MeanField(float(r["q_star"][0]), float(r["c_star"][0]), chi1, chic, _depth_scale(chi1),
-                     _depth_scale(chic), phase)
+    return (MeanField(float(r["q_star"][0]), float(r["c_star"][0]), chi1, chic, _depth_scale(chi1),
+                      _depth_scale(chic), phase), st, w2, b2)
 
 
 def phase_diagram(activation: Any, weight_variances: Sequence[float], bias_variances: Sequence[float], *,
@@ -218,7 +238,8 @@ def phase_diagram(activation: Any, weight_variances: Sequence[float], bias_varia
     Parameters
     ----------
     activation : ntkit activation layer or name
-    weight_variances, bias_variances : 1-d sequences of sigma_w^2 > 0 and sigma_b^2 >= 0
+    weight_variances, bias_variances : 1-d sequences of sigma_w^2 > 0 and sigma_b^2 >= 0 (floating; other
+        shapes raise ValueError rather than being flattened)
 
     Returns
     -------
@@ -229,8 +250,14 @@ def phase_diagram(activation: Any, weight_variances: Sequence[float], bias_varia
         The phase boundary is the contour chi_1 = 1 (Xiao et al. 2020, Fig. 1; Schoenholz et al. 2017, Fig. 1).
     """
     act = _act(activation)
-    wv = as_float_tensor(weight_variances, "weight_variances", dtype=torch.float64, min_ndim=1).reshape(-1)
-    bv = as_float_tensor(bias_variances, "bias_variances", dtype=torch.float64, min_ndim=1).reshape(-1)
+    # a grid of variances is a list of numbers: integers are fine here (unlike data, where they hint at labels)
+    wv, bv = (as_float_tensor(torch.as_tensor(np.asarray(v, dtype=np.float64)) if not isinstance(v, torch.Tensor)
+                              else v.to(torch.float64), name, dtype=torch.float64, min_ndim=1)
+              for v, name in ((weight_variances, "weight_variances"), (bias_variances, "bias_variances")))
+    for name, v in (("weight_variances", wv), ("bias_variances", bv)):
+        if v.ndim != 1:
+            raise ValueError(f"{name} must be a 1-d sequence (the grid axis), got shape {tuple(v.shape)}; "
+                             "pass the axis values, e.g. torch.linspace(0.5, 4.0, 50)")
     if bool((wv <= 0).any()) or bool((bv < 0).any()):
         raise ValueError(f"weight variances must be > 0 and bias variances >= 0; got min sigma_w^2 = "
                          f"{float(wv.min()):.4g}, min sigma_b^2 = {float(bv.min()):.4g}")
@@ -297,11 +324,15 @@ class DepthProfile(NamedTuple):
     lambda_max, lambda_min : (L,) extreme eigenvalues of the train-train kernel
     mean_predictor : (L,) RMS over test points and outputs of Theta_test,train Theta^{-1} Y (None without
         ``x_test`` and ``y``): the mean prediction of the infinitely wide network trained to convergence
-    mean_field : MeanField at (W_std, b_std)
+    mean_field : MeanField at (W_std, b_std). **When the length map has no finite fixed point q*** (it
+        diverges, e.g. ReLU with sigma_w^2 > 2, or grows without settling, e.g. ReLU with sigma_w^2 = 2 and
+        sigma_b > 0, where q grows linearly in depth) every float field is NaN and ``phase`` is "undefined";
+        the kernels, kappa(l) and the mean predictor are still computed, as they are finite at every depth.
     predicted_log_kappa_slope : -log chi_1, the slope in l of log(l kappa(l)) in the ordered phase
-        (kappa ~ 1 / (l chi_1^l)); NaN outside the ordered phase
+        (kappa ~ 1 / (l chi_1^l)); NaN outside the ordered phase (so also without a fixed point)
     predicted_log_predictor_slope : log(chi(c*) / chi_1), the slope in l of log(mean_predictor / l) in
-        the chaotic phase (mean predictor ~ l (chi(c*) / chi_1)^l); NaN outside the chaotic phase
+        the chaotic phase (mean predictor ~ l (chi(c*) / chi_1)^l); NaN outside the chaotic phase (so also
+        without a fixed point)
     kernels : (L, n, n) train-train kernels (only with ``return_kernels=True``, else None)
     """
 
@@ -357,6 +388,13 @@ def depth_profile(activation: Any, W_std: float, b_std: float | None, depths: Se
     Returns
     -------
     DepthProfile
+        Its mean-field fields and predicted slopes are NaN (phase "undefined") when the length map has no
+        finite fixed point; everything else is computed (see :class:`DepthProfile`).
+
+    Raises
+    ------
+    FloatingPointError
+        If the kernel overflows (chaotic or unbounded growth over very many layers).
     """
     if get not in ("ntk", "nngp"):
         raise ValueError(f"get must be 'ntk' or 'nngp', got {get!r}")
@@ -386,7 +424,8 @@ def depth_profile(activation: Any, W_std: float, b_std: float | None, depths: Se
         raise ValueError(f"depths must be a sequence of integers >= 0, got {depths!r}") from None
     if not ds or any(d < 0 or d != float(dd) for d, dd in zip(ds, depths)):
         raise ValueError(f"depths must be a non-empty sequence of integers >= 0, got {depths!r}")
-    mf = mean_field(act, W_std, b_std)
+    # the asymptotic (mean-field) predictions need a finite q*; the finite-depth kernels do not
+    mf = _mean_field_status(act, W_std, b_std)[0]
 
     x_all = xs if xt is None else torch.cat([xs, xt])
     d = x_all.shape[1]
@@ -408,8 +447,8 @@ def depth_profile(activation: Any, W_std: float, b_std: float | None, depths: Se
         out = dense.apply_kernel(st, ctx)
         k = out.ntk if get == "ntk" else out.nngp
         if not bool(torch.isfinite(k).all()):
-            raise FloatingPointError(f"the {get} kernel overflowed at depth {target} (chi_1 = {mf.chi_1:.4g}); "
-                                     "use fewer layers")
+            raise FloatingPointError(f"the {get} kernel overflowed at depth {target} (chi_1 = {mf.chi_1:.4g}, "
+                                     f"mean-field phase {mf.phase}); use fewer layers")
         results[target] = (k + k.T) / 2
 
     kap, lmax, lmin, pred, kers = [], [], [], [], []

@@ -186,3 +186,59 @@ def test_kappa_tends_to_one_and_predictor_decays_in_the_chaotic_phase():
     slope = np.polyfit(ls, np.log(prof.mean_predictor.numpy() / ls), 1)[0]
     assert prof.predicted_log_predictor_slope == pytest.approx(math.log(mf.chi_c_star / mf.chi_1))
     assert slope == pytest.approx(prof.predicted_log_predictor_slope, rel=3e-2)
+
+
+def _assert_undefined(mf):
+    assert mf.phase == "undefined"
+    assert all(math.isnan(v) for v in mf[:6])
+
+
+def test_depth_profile_readme_example_without_a_fixed_point():
+    # Regression: the README call. ReLU at sigma_w^2 = 2 with a bias has no finite q* (q grows by sigma_b^2 per
+    # layer), so mean_field raised "did not settle"; the finite-depth kernels, kappa(l) and the mean predictor
+    # are well defined and must be computed, with the mean-field fields and predicted slopes NaN.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    xt = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    prof = depth_profile("relu", 2**0.5, 0.1, range(1, 100), x, xt, y)
+    _assert_undefined(prof.mean_field)
+    assert math.isnan(prof.predicted_log_kappa_slope) and math.isnan(prof.predicted_log_predictor_slope)
+    assert prof.depths.tolist() == list(range(1, 100))
+    for v in (prof.condition_number, prof.lambda_max, prof.lambda_min, prof.mean_predictor):
+        assert v.shape == (99,) and bool(torch.isfinite(v).all())
+    assert bool((prof.condition_number >= 1).all())
+    with pytest.raises(ValueError, match="did not settle"):  # the single-point API still refuses (documented)
+        mean_field("relu", 2**0.5, 0.1, max_iter=200)
+
+
+def test_depth_profile_in_the_diverging_phase_matches_the_architecture_kernels():
+    # ReLU with sigma_w^2 = 4: q* = infinity (q doubles per layer), yet each finite-depth kernel is finite; checked
+    # against ntkit.mlp(...).kernel and a direct solve of the mean predictor Theta_st Theta_tt^{-1} y.
+    x, xt, y = _data(8, 4)
+    depths = [1, 7, 30]
+    prof = depth_profile(ntkit.Relu(), 2.0, 0.1, depths, x, xt, y, return_kernels=True)
+    _assert_undefined(prof.mean_field)
+    assert math.isnan(prof.predicted_log_kappa_slope) and math.isnan(prof.predicted_log_predictor_slope)
+    for i, dep in enumerate(depths):
+        arch = ntkit.mlp(depth=dep, activation=ntkit.Relu(), W_std=2.0, b_std=0.1)
+        k_tt = arch.kernel(x, get="ntk")
+        torch.testing.assert_close(prof.kernels[i], k_tt, rtol=1e-12, atol=0)
+        f = arch.kernel(xt, x, get="ntk") @ torch.linalg.solve(k_tt, y)
+        assert float(prof.mean_predictor[i]) == pytest.approx(float(f.pow(2).mean().sqrt()), rel=1e-8)
+    with pytest.raises(ValueError, match="diverges"):
+        mean_field(ntkit.Relu(), 2.0, 0.1)
+
+
+def test_phase_diagram_requires_1d_axes():
+    # Regression: a 2-d weight_variances was silently flattened into a 2-row grid.
+    with pytest.raises(ValueError, match=r"weight_variances must be a 1-d sequence.*\(1, 2\)"):
+        phase_diagram("relu", [[1.0, 2.0]], [0.0])
+    with pytest.raises(ValueError, match="bias_variances must be a 1-d"):
+        phase_diagram("relu", [1.0], torch.zeros(2, 2, dtype=torch.float64))
+    assert phase_diagram("relu", [1.0, 1.5], [0.0])["q_star"].shape == (2, 1)
+
+
+def test_phase_diagram_accepts_integer_grids():
+    pd = phase_diagram(ntkit.Relu(), [1, 2], [0])
+    assert pd["phase"][0, 0] == -1 and pd["phase"][1, 0] == 0

@@ -4,6 +4,7 @@ convergence times checked against ntkit.dynamics on a real data set (256 MNIST t
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,53 @@ def test_convergence_times_match_ntkit_dynamics_on_mnist():
     loss_dyn = 0.5 * (pred.predict(t).train - y).pow(2).sum() / y.numel()
     loss_spec = 0.5 * (torch.exp(-2 * t / tau)[:, None] * p0**2).sum() / y.numel()
     assert float(loss_dyn) == pytest.approx(float(loss_spec), rel=1e-9)
+
+
+def test_float32_top_k_converges_with_the_dtype_aware_default_tolerance():
+    # Regression: the default tol was 1e-10 whatever the dtype, below float32's rounding level (the Ritz residual
+    # ||K v - lambda v|| / lambda_max bottoms out at a few eps = ~5e-7 here), so float32 ran all max_iter
+    # iterations and warned "clustered" although lambda_1..3 = 1, 0.855, 0.731 are well separated.
+    k, lam, q = _psd(60)
+    k32 = k.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not converge" warning
+        top = eigendecomposition(k32, top_k=3)
+    assert top.eigenvalues.dtype == torch.float32 and top.eigenvectors.shape == (60, 3)
+    # float32 accuracy: default tol = 10 sqrt(60) eps32 = 9.2e-6; eigenvalue error <= residual (Bauer-Fike for a
+    # symmetric matrix), eigenvector angle <= residual / gap (Davis-Kahan, gap 0.12)
+    eps = torch.finfo(torch.float32).eps
+    tol = 10 * math.sqrt(60) * eps
+    torch.testing.assert_close(top.eigenvalues.double(), lam[:3], rtol=0, atol=tol)
+    overlap = (top.eigenvectors.double() * q[:, :3]).sum(0).abs()
+    torch.testing.assert_close(overlap, torch.ones(3, dtype=torch.float64), rtol=0, atol=tol / 0.12)
+    # float64 keeps the historical default 1e-10 exactly (same iterations, same numbers)
+    a = eigendecomposition(k, top_k=3)
+    b = eigendecomposition(k, top_k=3, tol=1e-10)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+    # an explicit tolerance below float32's rounding level still warns, and says why
+    with pytest.warns(RuntimeWarning, match="rounding level"):
+        eigendecomposition(k32, top_k=3, tol=1e-10, max_iter=20)
+
+
+def test_counts_beyond_n_and_bad_counts_raise():
+    # Regression: top_k > n silently returned n pairs, kernel_pca(K, 60) with n = 40 returned 40 columns, and
+    # n_targets = 0 gave tau = 0 for every mode.
+    k, _, _ = _psd(60)
+    with pytest.raises(ValueError, match=r"top_k=100 exceeds the kernel size n=60"):
+        eigendecomposition(k, top_k=100)
+    assert eigendecomposition(k, top_k=60).eigenvalues.shape == (60,)  # n itself is fine
+    k40 = k[:40, :40]
+    with pytest.raises(ValueError, match=r"n_components=60 exceeds the kernel size n=40"):
+        kernel_pca(k40, 60)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n_components must be a positive integer"):
+            kernel_pca(k40, bad)
+        with pytest.raises(ValueError, match="n_targets must be a positive integer"):
+            convergence_times(k40, n_targets=bad)
+    with pytest.raises(ValueError, match="tol"):
+        eigendecomposition(k, top_k=3, tol=-1.0)
+    assert kernel_pca(k40, 40).shape == (40, 40)
+    # a valid n_targets is used as m in tau_i = m / (eta lambda_i)
+    tau = convergence_times(k40, learning_rate=2.0, n_targets=120)
+    lam = torch.linalg.eigvalsh(k40).flip(0)
+    torch.testing.assert_close(tau, 120 / (2.0 * lam), rtol=1e-9, atol=0)
