@@ -90,15 +90,20 @@ def targets(y: Any, n: int | None, *, dtype, device, name: str = "y_train") -> t
     return t, was_1d
 
 
-def square_kernel(k: Any, name: str, *, dtype=None, device=None) -> torch.Tensor:
-    t = to_tensor(k, name, dtype=dtype, device=device)
-    if t.shape[0] != t.shape[1]:
-        raise ValueError(f"{name} must be square (n_train, n_train), got shape {tuple(t.shape)}")
+def check_symmetric(t: torch.Tensor, name: str, what: str = "training") -> None:
+    """ValueError unless the square matrix ``t`` is symmetric up to 1e-8 relative to its largest entry."""
     asym = float((t - t.T).abs().max()) if t.numel() else 0.0
     scale = float(t.abs().max()) if t.numel() else 0.0
     if asym > 1e-8 * max(scale, 1e-300):
         raise ValueError(f"{name} is not symmetric (max |K - K^T| = {asym:.3g}, max |K| = {scale:.3g}); "
-                         "pass a kernel matrix of the training set with itself.")
+                         f"pass a kernel matrix of the {what} set with itself.")
+
+
+def square_kernel(k: Any, name: str, *, dtype=None, device=None) -> torch.Tensor:
+    t = to_tensor(k, name, dtype=dtype, device=device)
+    if t.shape[0] != t.shape[1]:
+        raise ValueError(f"{name} must be square (n_train, n_train), got shape {tuple(t.shape)}")
+    check_symmetric(t, name)
     return 0.5 * (t + t.T)
 
 

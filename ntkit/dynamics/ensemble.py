@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._common import regularize, square_kernel, targets, to_tensor
+from ._common import check_symmetric, regularize, square_kernel, targets, to_tensor
 from .mse import MSEPredictor
 
 __all__ = ["GaussianPrediction", "EnsemblePredictor", "gradient_descent_mse_ensemble", "gp_inference",
@@ -57,6 +57,8 @@ class EnsemblePredictor:
             ktt = to_tensor(nngp_test_test, "nngp_test_test", dtype=dt, device=self.device, ndim=(1, 2))
             if ktt.shape[0] != nt or (ktt.ndim == 2 and ktt.shape[1] != nt):
                 raise ValueError(f"nngp_test_test has shape {tuple(ktt.shape)}; need ({nt}, {nt}) or ({nt},)")
+            if ktt.ndim == 2:
+                check_symmetric(ktt, "nngp_test_test", "test")
             self.k_test_test = ktt
         self.regime = "ntk" if ntk_train_train is not None else "nngp"
         kw = dict(learning_rate=learning_rate, diag_reg=diag_reg, diag_reg_absolute_scale=diag_reg_absolute_scale,
@@ -64,11 +66,16 @@ class EnsemblePredictor:
         if self.regime == "ntk":
             if ntk_test_train is None:
                 raise ValueError("ntk_train_train was given without ntk_test_train")
+            theta = square_kernel(ntk_train_train, "ntk_train_train", dtype=dt, device=self.device)
+            if theta.shape != kxx.shape:
+                raise ValueError(f"ntk_train_train has shape {tuple(theta.shape)} but nngp_train_train has shape "
+                                 f"{tuple(kxx.shape)}; both are kernels of the same training set and must match.")
             self.theta_test_train = to_tensor(ntk_test_train, "ntk_test_train", dtype=dt, device=self.device)
             if self.theta_test_train.shape != self.k_test_train.shape:
-                raise ValueError(f"ntk_test_train has shape {tuple(self.theta_test_train.shape)}, nngp_test_train "
-                                 f"{tuple(self.k_test_train.shape)}; they must match")
-            self.dynamics = MSEPredictor(ntk_train_train, y_train, **kw)
+                raise ValueError(f"ntk_test_train has shape {tuple(self.theta_test_train.shape)} but nngp_test_train "
+                                 f"has shape {tuple(self.k_test_train.shape)}; both are kernels between the same "
+                                 "test and training sets and must match.")
+            self.dynamics = MSEPredictor(theta, y_train, **kw)
             self.k_train_train = kxx
         else:
             if ntk_test_train is not None:

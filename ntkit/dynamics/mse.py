@@ -185,7 +185,8 @@ class MSEPredictor:
             Continuous time (gradient flow) or number of steps (``discrete=True``).
             ``t = inf`` gives kernel (ridge) regression ``K* K_r^{-1} (y - f0_train) + f0_test``.
         k_test_train : (n_test, n_train) kernel between test and training inputs, optional
-        f0_train, f0_test : (n, k) network outputs at initialization (default 0: the ensemble mean)
+        f0_train, f0_test : (n, k) network outputs at initialization (default 0: the ensemble mean);
+            ``f0_test`` needs a test kernel (``k_test_train`` or ``x_test``), else a ValueError
         x_test : test inputs, when the predictor was built from a kernel function
 
         Returns
@@ -194,6 +195,9 @@ class MSEPredictor:
         """
         tt, scalar = times(t, discrete=self.discrete, dtype=self.dtype, device=self.device)
         ks = self._test_kernel(k_test_train, x_test)
+        if ks is None and f0_test is not None:
+            raise ValueError("f0_test was given but no test kernel: pass k_test_train (or x_test) together with "
+                             "f0_test, or drop f0_test (there are no test predictions without a test kernel).")
         f0 = self._f0(f0_train, self.n, "f0_train")
         r0 = self.y_train - f0
         p = self.eigenvectors.T @ r0
@@ -285,7 +289,10 @@ def gradient_descent_mse(k_train_train: Any, y_train: Any, *, learning_rate: flo
         starting at rest. ``discrete=True``: the
         torch.optim.SGD(momentum=beta) recurrence f_{s+1} = f_s - (eta/m) K (f_s - y) + beta (f_s - f_{s-1});
         ``discrete=False``: its continuum limit (t in steps) f'' + (1 - beta) f' = -(eta/m) K (f - y), solved
-        per mode as a damped oscillator.
+        per mode as a damped oscillator. Note that ``momentum=0.0`` is *not* the same as ``momentum=None``
+        for ``discrete=False``: it selects this second-order heavy-ball flow f'' + f' = -(eta/m) K (f - y)
+        (starting at rest, f'(0) = 0), not the first-order gradient flow f' = -(eta/m) K (f - y) of
+        ``momentum=None``. (For ``discrete=True`` both give plain gradient descent.)
     dtype, device : default float64 and the kernel's device
 
     Returns

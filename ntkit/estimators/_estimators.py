@@ -2,8 +2,8 @@
 
 Design: one parameter ``kernel`` selects the kernel (``"ntk"``, ``"nngp"``, ``"laplace"``,
 ``"gamma_exponential"``, ``"rbf"``); the architecture parameters (``depth``, ``activation``,
-``W_std``, ``b_std``, ``fixed_layers``, ``parameterization`` or a ``config``) matter for the first two,
-``length_scale`` / ``gamma`` for the others. :class:`NNGPRegressor` / :class:`NNGPClassifier` are the
+``W_std``, ``b_std``, ``fixed_layers``, ``parameterization``, ``width`` or a ``config``) matter for the
+first two, ``length_scale`` / ``gamma`` for the others. :class:`NNGPRegressor` / :class:`NNGPClassifier` are the
 same estimators with ``kernel="nngp"`` as default, so NTK and NNGP models are one ``set_params``
 apart and a grid search can put ``kernel`` on its grid.
 
@@ -50,7 +50,7 @@ class _KernelModel(BaseEstimator):
         return make_kernel_function(self.kernel, depth=self.depth, activation=self.activation, W_std=self.W_std,
                                     b_std=self.b_std, fixed_layers=self.fixed_layers,
                                     parameterization=self.parameterization, config=self.config,
-                                    length_scale=self.length_scale, gamma=self.gamma)
+                                    length_scale=self.length_scale, gamma=self.gamma, width=self.width)
 
     def _gram(self, A: np.ndarray, B: np.ndarray | None = None) -> np.ndarray:
         """k(A, B) (k(A, A) if B is None) as float64 numpy, computed in row blocks of A."""
@@ -101,6 +101,13 @@ _DOC_PARAMS = """
         Number of bottom Dense layers that are not trained (excluded from the NTK, kept in the
         NNGP; Arora et al. 2020, Sec. 4).
     parameterization : {"ntk", "standard"}, default "ntk"
+        "standard": the NTK of the standard parameterization (Lee et al. 2019, App. C), which depends
+        on the hidden widths: give ``width``.
+    width : int or list of int, optional
+        Hidden-layer width(s) of the network (one int for all hidden layers, or one per layer), as in
+        ``ntkit.mlp(...).kernel(X, width=width)``. Required for ``kernel="ntk"`` with
+        ``parameterization="standard"`` (and depth >= 1); no effect on the NTK-parameterization kernels
+        or on the NNGP.
     config : dict, str or path, optional
         An ``ntkit.from_config`` architecture; overrides depth/activation/W_std/b_std/fixed_layers.
     length_scale : float, default 1.0
@@ -143,7 +150,8 @@ class NTKRegressor(RegressorMixin, _KernelModel):
     """
 
     def __init__(self, kernel: str = "ntk", *, depth: int = 1, activation: Any = "relu", W_std: float = 2**0.5,
-                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None,
+                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
+                 config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, t: float | None = None, diag_reg: float = 0.0,
                  dtype: Any = "float64", device: Any = None):
         self.kernel = kernel
@@ -153,6 +161,7 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         self.b_std = b_std
         self.fixed_layers = fixed_layers
         self.parameterization = parameterization
+        self.width = width
         self.config = config
         self.length_scale = length_scale
         self.gamma = gamma
@@ -206,7 +215,8 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
     """
 
     def __init__(self, kernel: str = "ntk", *, depth: int = 1, activation: Any = "relu", W_std: float = 2**0.5,
-                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None,
+                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
+                 config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, solver: str = "svm", C: float = 1.0,
                  t: float | None = None, diag_reg: float = 0.0, dtype: Any = "float64", device: Any = None):
         self.kernel = kernel
@@ -216,6 +226,7 @@ class NTKClassifier(ClassifierMixin, _KernelModel):
         self.b_std = b_std
         self.fixed_layers = fixed_layers
         self.parameterization = parameterization
+        self.width = width
         self.config = config
         self.length_scale = length_scale
         self.gamma = gamma
@@ -288,11 +299,12 @@ class NNGPRegressor(NTKRegressor):
     """
 
     def __init__(self, kernel: str = "nngp", *, depth: int = 1, activation: Any = "relu", W_std: float = 2**0.5,
-                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None,
+                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
+                 config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, t: float | None = None, diag_reg: float = 0.0,
                  dtype: Any = "float64", device: Any = None):
         super().__init__(kernel, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
-                         fixed_layers=fixed_layers, parameterization=parameterization, config=config,
+                         fixed_layers=fixed_layers, parameterization=parameterization, width=width, config=config,
                          length_scale=length_scale, gamma=gamma, t=t, diag_reg=diag_reg, dtype=dtype, device=device)
 
 
@@ -306,10 +318,11 @@ class NNGPClassifier(NTKClassifier):
     """
 
     def __init__(self, kernel: str = "nngp", *, depth: int = 1, activation: Any = "relu", W_std: float = 2**0.5,
-                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None,
+                 b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
+                 config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, solver: str = "svm", C: float = 1.0,
                  t: float | None = None, diag_reg: float = 0.0, dtype: Any = "float64", device: Any = None):
         super().__init__(kernel, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
-                         fixed_layers=fixed_layers, parameterization=parameterization, config=config,
+                         fixed_layers=fixed_layers, parameterization=parameterization, width=width, config=config,
                          length_scale=length_scale, gamma=gamma, solver=solver, C=C, t=t, diag_reg=diag_reg,
                          dtype=dtype, device=device)

@@ -1,8 +1,14 @@
 """Kernel construction shared by the estimators and the UCI runner.
 
 One function, :func:`make_kernel_function`, turns the estimator parameters (``kernel="ntk"`` plus
-depth / activation / W_std / b_std / fixed layers / parameterization, or a config) into a
+depth / activation / W_std / b_std / fixed layers / parameterization / width, or a config) into a
 :class:`ntkit.KernelFunction`.
+
+Widths: in the NTK parameterization the infinite-width kernels do not depend on the hidden widths. In
+the standard parameterization the NTK does (Lee et al. 2019, App. C: Theta' = W_std^2 Theta + n_in Sigma
++ 1 per Dense layer, n_in its input width), so ``kernel="ntk"`` with ``parameterization="standard"``
+and ``depth >= 1`` needs ``width`` (an int for every hidden layer, or one int per hidden layer). The
+NNGP is the same in both parameterizations and ignores ``width``.
 
 The classical distance kernels are those of ``ntkit.kernels.classic`` (``Laplace``,
 ``GammaExponential``, ``RBF``), with the conventions:
@@ -32,6 +38,31 @@ KERNELS = ("ntk", "nngp", "laplace", "gamma_exponential", "rbf")
 _ACTIVATIONS = ("relu", "abs", "gelu", "sign", "erf", "tanh", "identity")
 
 
+def _check_width(width: Any, *, kernel: str, depth: Any, parameterization: Any, config: Any) -> None:
+    """ValueError unless ``width`` is None, a positive int or a sequence of positive ints (one per hidden
+    layer), and present where it is needed: the standard-parameterization NTK of an MLP with hidden layers."""
+    if width is not None:
+        if isinstance(width, numbers.Integral) and not isinstance(width, bool):
+            if width < 1:
+                raise ValueError(f"width must be a positive integer (hidden-layer width), got {width!r}.")
+        elif isinstance(width, (list, tuple)):
+            if not width or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in width):
+                raise ValueError(f"width as a sequence must hold positive integers (one per hidden layer), "
+                                 f"got {width!r}.")
+            if config is None and isinstance(depth, numbers.Integral) and len(width) != depth:
+                raise ValueError(f"width lists {len(width)} values but depth={depth} hidden layers; give one "
+                                 "width per hidden layer, or a single int for all.")
+        else:
+            raise ValueError(f"width must be None, a positive integer or a list of positive integers, got {width!r}.")
+        return
+    if (config is None and kernel == "ntk" and parameterization == "standard" and isinstance(depth, numbers.Integral)
+            and depth >= 1):
+        raise ValueError("parameterization='standard' needs width=: the standard-parameterization NTK depends on "
+                         "the finite hidden-layer widths (Lee et al. 2019, App. C). Pass width=<int> (e.g. the "
+                         "width of the network it models), or use parameterization='ntk', whose infinite-width "
+                         "NTK does not depend on it.")
+
+
 def validate_kernel_params(est: Any) -> None:
     """Check the kernel-related parameters of an estimator (called in ``fit``, scikit-learn style)."""
     kernel = est.kernel
@@ -41,6 +72,7 @@ def validate_kernel_params(est: Any) -> None:
         if est.config is not None:
             if not isinstance(est.config, (dict, str)):
                 raise TypeError(f"config must be a dict, a JSON string or a path, got {type(est.config).__name__}")
+            _check_width(est.width, kernel=kernel, depth=None, parameterization=None, config=est.config)
             return
         depth = est.depth
         if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
@@ -54,6 +86,7 @@ def validate_kernel_params(est: Any) -> None:
             raise ValueError(f"fixed_layers must be an integer between 0 and depth + 1 = {depth + 1}, got {fl!r}.")
         if est.parameterization not in ("ntk", "standard"):
             raise ValueError(f"parameterization must be 'ntk' or 'standard', got {est.parameterization!r}.")
+        _check_width(est.width, kernel=kernel, depth=depth, parameterization=est.parameterization, config=None)
         if not (isinstance(est.activation, str) and est.activation in _ACTIVATIONS) and not hasattr(
                 est.activation, "dual"):
             raise ValueError(f"activation must be one of {_ACTIVATIONS} or an ntkit activation layer, "
@@ -95,6 +128,7 @@ def make_kernel_function(
     config: Any = None,
     length_scale: float = 1.0,
     gamma: float = 1.0,
+    width: Any = None,
 ) -> KernelFunction:
     """Build the kernel named ``kernel`` as an :class:`ntkit.KernelFunction`.
 
@@ -104,13 +138,19 @@ def make_kernel_function(
     Arora et al. 2020, Sec. 4), or of ``ntkit.from_config(config)`` when ``config`` is given.
     ``"laplace"`` / ``"gamma_exponential"`` / ``"rbf"``: the distance kernels of the module
     docstring with length scale ``length_scale`` (and exponent ``gamma``).
+    ``width``: hidden-layer width(s) of the architecture (``arch.with_width(width)``); required for
+    ``"ntk"`` with ``parameterization="standard"`` and ``depth >= 1`` (see the module docstring),
+    irrelevant otherwise.
     """
     if kernel in ("ntk", "nngp"):
+        _check_width(width, kernel=kernel, depth=depth, parameterization=parameterization, config=config)
         if config is not None:
             arch = from_config(config)
         else:
             arch = mlp(int(depth), activation=_activation_layer(activation), W_std=float(W_std),
                        b_std=float(b_std), fixed_layers=int(fixed_layers), parameterization=parameterization)
+        if width is not None:
+            arch = arch.with_width(list(width) if isinstance(width, (list, tuple)) else int(width))
         return arch.kernel_fn(kernel)
     if kernel not in KERNELS:
         raise ConfigError(f"kernel={kernel!r} is not supported; use one of {KERNELS}.")

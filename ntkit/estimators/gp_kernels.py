@@ -73,14 +73,20 @@ class NTKKernel(_TorchKernelMixin, Kernel):
     fixed_layers : int, default 0
         Bottom Dense layers excluded from the NTK (Arora et al. 2020, Sec. 4).
     parameterization : {"ntk", "standard"}, default "ntk"
+        "standard": the standard-parameterization NTK (Lee et al. 2019, App. C), which depends on the
+        hidden widths: give ``width``.
     config : dict or str, optional
         ``ntkit.from_config`` architecture; overrides the parameters above.
+    width : int or list of int, optional
+        Hidden-layer width(s) (``arch.with_width(width)``); required for the NTK with
+        ``parameterization="standard"`` and depth >= 1, no effect in the NTK parameterization or on
+        the NNGP. A fixed parameter (not optimized by the GP). Checked when the kernel is evaluated.
     """
 
     _get = "ntk"
 
     def __init__(self, depth: int = 1, activation: str = "relu", W_std: float = 2**0.5, b_std: float = 0.1,
-                 fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None):
+                 fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None, width: Any = None):
         self.depth = depth
         self.activation = activation
         self.W_std = W_std
@@ -88,6 +94,7 @@ class NTKKernel(_TorchKernelMixin, Kernel):
         self.fixed_layers = fixed_layers
         self.parameterization = parameterization
         self.config = config
+        self.width = width
 
     @property
     def hyperparameter_W_std(self):
@@ -100,7 +107,8 @@ class NTKKernel(_TorchKernelMixin, Kernel):
     def _kf(self):
         return make_kernel_function(self._get, depth=self.depth, activation=self.activation, W_std=self.W_std,
                                     b_std=self.b_std, fixed_layers=self.fixed_layers,
-                                    parameterization=self.parameterization, config=self.config)
+                                    parameterization=self.parameterization, config=self.config,
+                                    width=self.width)
 
     def __call__(self, X, Y=None, eval_gradient: bool = False):
         """Kernel matrix k(X, Y) (k(X, X) if Y is None); with ``eval_gradient`` also the (empty)
@@ -120,10 +128,12 @@ class NTKKernel(_TorchKernelMixin, Kernel):
         return True
 
     def __repr__(self) -> str:
+        w = "" if self.width is None else f", width={self.width!r}"
         if self.config is not None:
-            return f"{type(self).__name__}(config={self.config!r})"
+            return f"{type(self).__name__}(config={self.config!r}{w})"
+        p = "" if self.parameterization == "ntk" else f", parameterization={self.parameterization!r}"
         return (f"{type(self).__name__}(depth={self.depth}, activation={self.activation!r}, W_std={self.W_std:.3g}, "
-                f"b_std={self.b_std:.3g}, fixed_layers={self.fixed_layers})")
+                f"b_std={self.b_std:.3g}, fixed_layers={self.fixed_layers}{p}{w})")
 
 
 class NNGPKernel(NTKKernel):
@@ -133,8 +143,8 @@ class NNGPKernel(NTKKernel):
     _get = "nngp"
 
     def __init__(self, depth: int = 1, activation: str = "relu", W_std: float = 2**0.5, b_std: float = 0.1,
-                 fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None):
-        super().__init__(depth, activation, W_std, b_std, fixed_layers, parameterization, config)
+                 fixed_layers: int = 0, parameterization: str = "ntk", config: Any = None, width: Any = None):
+        super().__init__(depth, activation, W_std, b_std, fixed_layers, parameterization, config, width)
 
 
 def _distances(X, Y) -> tuple[np.ndarray, bool]:

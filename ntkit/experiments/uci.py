@@ -61,6 +61,7 @@ __all__ = [
     "UCIDataset",
     "load_uci_dataset",
     "list_uci_datasets",
+    "check_uci_datasets",
     "KernelSVMMethod",
     "EstimatorMethod",
     "default_methods",
@@ -164,6 +165,25 @@ def list_uci_datasets(root: str | os.PathLike) -> list[str]:
     if not r.is_dir():
         raise FileNotFoundError(f"{r} is not a directory of UCI data set folders.")
     return sorted(p.name for p in r.iterdir() if p.is_dir() and (p / f"{p.name}.txt").is_file())
+
+
+def check_uci_datasets(root: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """``names`` as a list, after checking that each is a data set folder under ``root``.
+
+    Raises ``ValueError`` naming the sets that are not there (with ``root``, how many are available and
+    how to list them) and ``FileNotFoundError`` when ``root`` is not a directory.
+    """
+    names = list(names)
+    available = list_uci_datasets(root)
+    have = set(available)
+    missing = [n for n in names if n not in have]
+    if missing:
+        shown = ", ".join(available[:10]) + (", ..." if len(available) > 10 else "")
+        raise ValueError(
+            f"data set(s) {missing} not found under {root} (a data set is a folder NAME holding NAME/NAME.txt); "
+            f"{len(available)} data set(s) are available there" + (f": {shown}" if available else "") +
+            f". List them with `python -m ntkit.experiments.uci --data {root} --list`.")
+    return names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +410,7 @@ def run_uci(data_root: str | os.PathLike, out_dir: str | os.PathLike, *, methods
     ``summary.md`` in ``out_dir`` and returns the summary (:func:`summarize`).
     """
     methods = default_methods() if methods is None else methods
-    names = list_uci_datasets(data_root) if datasets is None else list(datasets)
+    names = list_uci_datasets(data_root) if datasets is None else check_uci_datasets(data_root, datasets)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}.")
     out = Path(out_dir)
@@ -480,23 +500,46 @@ def summary_markdown(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ntkit.experiments.uci", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="folder holding the UCI data set folders")
-    p.add_argument("--out", required=True, help="output folder (one JSON per data set; resumable)")
-    p.add_argument("--methods", default="ntk,laplace,gamma_exp,rbf,rf,mlp")
-    p.add_argument("--datasets", default=None, help="comma-separated subset of data set names")
+    # the first paragraph of the module docstring (the full title, not its first line only)
+    description = " ".join(__doc__.split("\n\n")[0].split()) + (
+        " Runs that protocol on the data set folders under --data and writes one JSON per data set plus "
+        "summary.json / summary.md to --out.")
+    p = argparse.ArgumentParser(prog="python -m ntkit.experiments.uci", description=description)
+    p.add_argument("--data", required=True, help="folder holding the UCI data set folders (NAME/NAME.txt, ...)")
+    p.add_argument("--out", help="output folder (one JSON per data set; resumable); required unless --list")
+    p.add_argument("--methods", default="ntk,laplace,gamma_exp,rbf,rf,mlp",
+                   help="comma-separated methods to run, from ntk, laplace, gamma_exp, rbf, rf, mlp "
+                        "(default: all six; grids in the module docstring of ntkit.experiments.uci)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated subset of data set names (default: every set under --data; see --list)")
+    p.add_argument("--list", action="store_true", help="print the data set names found under --data and exit")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (data sets in parallel)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (per worker)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a = p.parse_args(argv)
+    if not Path(a.data).is_dir():
+        p.error(f"--data {a.data} is not a directory; point it at the folder holding the UCI data set folders.")
+    if a.list:
+        names = list_uci_datasets(a.data)
+        print("\n".join(names) if names else f"no data set folders (NAME/NAME.txt) under {a.data}")
+        return 0
+    if a.out is None:
+        p.error("the following arguments are required: --out")
     allm = default_methods()
     keys = [k.strip() for k in a.methods.split(",") if k.strip()]
     bad = [k for k in keys if k not in allm]
     if bad:
         p.error(f"unknown methods {bad}; choose from {sorted(allm)}")
+    datasets = None
+    if a.datasets is not None:
+        try:
+            datasets = check_uci_datasets(a.data, [n.strip() for n in a.datasets.split(",") if n.strip()])
+        except ValueError as err:
+            p.error(str(err))
+        if not datasets:
+            p.error("--datasets lists no data set name; give comma-separated names (see --list) or omit it.")
     t0 = time.perf_counter()
-    summary = run_uci(a.data, a.out, methods={k: allm[k] for k in keys},
-                      datasets=None if a.datasets is None else a.datasets.split(","),
+    summary = run_uci(a.data, a.out, methods={k: allm[k] for k in keys}, datasets=datasets,
                       progress=not a.no_progress, jobs=a.jobs, torch_threads=a.threads)
     print(summary_markdown(summary))
     print(f"wall time {time.perf_counter() - t0:.0f} s")

@@ -304,3 +304,53 @@ def test_heavy_ball_flow_closed_form_equals_ode(problem, beta):
     assert rel(cf.train, od.train) < 1e-7 and rel(cf.test, od.test) < 1e-7
     inf = gradient_descent_mse(p["k"], p["y"], learning_rate=2.0, momentum=beta).predict(math.inf, p["ks"]).test
     assert rel(inf, p["ks"] @ torch.linalg.solve(p["k"], p["y"])) < 1e-8
+
+
+def test_f0_test_without_test_kernel_is_an_error(problem):
+    p = problem
+    pred = gradient_descent_mse(p["k"], p["y"])
+    with pytest.raises(ValueError, match="f0_test.*test kernel"):
+        pred.predict(1.0, None, None, f0_test=p["f0s"])
+    with pytest.raises(ValueError, match="f0_test.*test kernel"):
+        pred.predict(1.0, f0_train=p["f0"], f0_test=p["f0s"])
+    assert pred.predict(1.0, None, p["f0"]).test is None  # no f0_test: fine
+
+
+def test_ensemble_kernel_shape_mismatch_names_the_kernels(problem):
+    p = problem
+    theta = 1.5 * p["k"] + 0.2
+    with pytest.raises(ValueError, match=r"ntk_train_train has shape \(5, 5\).*nngp_train_train has shape \(12, 12\)"):
+        gradient_descent_mse_ensemble(p["y"], p["k"], p["ks"], p["kss"], ntk_train_train=theta[:5, :5],
+                                      ntk_test_train=1.5 * p["ks"][:, :5])
+    with pytest.raises(ValueError, match=r"ntk_test_train has shape \(5, 5\).*nngp_test_train has shape \(5, 12\)"):
+        gradient_descent_mse_ensemble(p["y"], p["k"], p["ks"], p["kss"], ntk_train_train=theta,
+                                      ntk_test_train=1.5 * p["ks"][:, :5])
+
+
+def test_ensemble_rejects_non_symmetric_nngp_test_test(problem):
+    p = problem
+    bad = p["kss"] + torch.triu(torch.ones(5, 5, dtype=torch.float64), 1)  # clearly not symmetric
+    with pytest.raises(ValueError, match="nngp_test_test is not symmetric"):
+        gradient_descent_mse_ensemble(p["y"], p["k"], p["ks"], bad)
+    # a symmetric matrix up to round-off and a diagonal are accepted
+    ok = p["kss"] + 1e-14 * torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gradient_descent_mse_ensemble(p["y"], p["k"], p["ks"], ok).predict(1.0)
+    gradient_descent_mse_ensemble(p["y"], p["k"], p["ks"], torch.diagonal(p["kss"])).predict(1.0, diagonal=True)
+
+
+def test_momentum_zero_flow_is_heavy_ball_not_gradient_flow():
+    """discrete=False, momentum=0.0 is r'' + r' + a r = 0, r'(0) = 0 (a = c lambda), as documented; momentum=None
+    is r' = -a r. Reference: the closed form with characteristic roots s = (-1 +- sqrt(1 - 4a)) / 2."""
+    lam, y, t = 0.1, 1.0, 3.0
+    k = torch.tensor([[lam]], dtype=torch.float64)
+    yt = torch.tensor([y], dtype=torch.float64)
+    a = lam  # c = eta / m = 1 for one point, one output
+    s1, s2 = (-1 + math.sqrt(1 - 4 * a)) / 2, (-1 - math.sqrt(1 - 4 * a)) / 2
+    r = (s2 * math.exp(s1 * t) - s1 * math.exp(s2 * t)) / (s2 - s1) * y  # residual y - f, f(0) = 0
+    hb = float(gradient_descent_mse(k, yt, momentum=0.0).predict(t).train[0])
+    gf = float(gradient_descent_mse(k, yt).predict(t).train[0])
+    assert abs(hb - (y - r)) < 1e-12
+    assert abs(gf - (y - y * math.exp(-a * t))) < 1e-12
+    assert abs(hb - gf) > 1e-2
+    doc = gradient_descent_mse.__doc__
+    assert "momentum=0.0" in doc and "momentum=None" in doc and "second-order" in doc

@@ -146,3 +146,97 @@ def test_ode_nonlinear_losses_match_small_step_gd(setup, loss):
         errs.append(max(rel(ftr - f0, ode.train - f0), rel(fte - f0s, ode.test - f0s)))
     assert errs[1] < errs[0] / 2.5, errs
     assert errs[1] < 0.01, errs
+
+
+# ---------------------------------------------------------------- train/eval mode of the base network
+def _bn_net(seed=0):
+    """Linear -> BatchNorm1d -> Tanh -> Linear with non-trivial running statistics, returned in eval mode."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                              torch.nn.Linear(16, 2)).double()
+    with torch.no_grad():  # a few train-mode passes move running_mean / running_var away from 0 / 1
+        for _ in range(3):
+            net(3 * torch.randn(32, 4, dtype=DT) + 1)
+    return net.eval()
+
+
+def _taylor_reference(net, x, delta):
+    """f(x; theta0) + J(x; theta0) delta of ``net`` (eval mode) from a reverse-mode Jacobian (test oracle)."""
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    buffers = dict(net.named_buffers())
+    with torch.no_grad():
+        f0 = net(x)
+    jac = jacrev(lambda pr: functional_call(net, {**buffers, **pr}, (x,)))(params)
+    n, k = f0.shape
+    return f0 + sum((jac[name].reshape(n, k, -1) @ delta[name].reshape(-1, 1))[..., 0] for name in params)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_linearize_batchnorm_is_fixed_affine_function_in_any_mode(mode):
+    """BatchNorm: lin.train() must neither crash (in-place num_batches_tracked update under jvp) nor update
+    the running statistics; the output equals the eval-mode Taylor expansion of the network."""
+    net = _bn_net()
+    x = torch.randn(10, 4, dtype=DT, generator=torch.Generator().manual_seed(5))
+    buffers0 = {n: b.clone() for n, b in net.named_buffers()}
+    lin = linearize(net)
+    getattr(lin, mode)()
+    assert not lin.base.training and lin.training == (mode == "train")
+    with torch.no_grad():
+        assert rel(lin(x), net(x)) < 1e-14  # theta = theta0: the eval-mode network
+        delta = {n: 1e-3 * torch.randn_like(p) for n, p in lin.params().items()}
+        for n, p in lin.params().items():
+            p.add_(delta[n])
+        out1 = lin(x)
+        out2 = lin(x[:3])  # a different batch must not change the function row-wise (no batch statistics)
+    assert rel(out1, _taylor_reference(net, x, delta)) < 1e-12
+    assert rel(out2, out1[:3]) < 1e-14
+    for n, b in lin.base.named_buffers():  # no running-statistics update, ever
+        assert torch.equal(b, buffers0[n]), n
+    # gradients flow (a training step works in train mode)
+    lin.train()
+    loss = (lin(x) ** 2).sum()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lin.parameters() if p.requires_grad)
+
+
+def test_linearize_dropout_is_deterministic_after_train():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(32, 1)).double().eval()
+    x = torch.randn(20, 4, dtype=DT)
+    lin = linearize(net).train()
+    with torch.no_grad():
+        a, b = lin(x), lin(x)
+        assert torch.equal(a, b)  # train-mode dropout would differ on (almost surely) every row
+        assert rel(a, net(x)) < 1e-14
+        lin.base.train()  # even a direct switch of the base does not make the function random
+        assert torch.equal(lin(x), a)
+
+
+@pytest.mark.parametrize("layer", [torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1)])
+def test_linearize_refuses_train_mode_networks_whose_function_depends_on_mode(layer):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), layer, torch.nn.Linear(8, 1)).double()  # train mode
+    with pytest.raises(ValueError, match=r"model\.eval\(\)") as err:
+        linearize(net)
+    assert type(layer).__name__ in str(err.value)
+    lin = linearize(net.eval())  # the documented fix
+    with torch.no_grad():
+        x = torch.randn(5, 3, dtype=DT)
+        assert rel(lin(x), net(x)) < 1e-14
+
+
+def test_linearize_checks_each_submodule_mode():
+    """The mode is per module: an eval-mode model with one BatchNorm left in train mode is refused; a train-mode
+    model whose mode-dependent layers are all in eval mode (or have no running statistics) is accepted."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)).double().eval()
+    net[1].train()
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\)"):
+        linearize(net)
+    net.train()
+    net[1].eval()
+    linearize(net)
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8, track_running_stats=False),
+                                torch.nn.Dropout(0.0), torch.nn.Linear(8, 1)).double()  # same function in both modes
+    x = torch.randn(6, 3, dtype=DT)
+    with torch.no_grad():
+        assert rel(linearize(plain).train()(x), plain(x)) < 1e-14

@@ -223,3 +223,55 @@ def test_distance_kernels_come_from_ntkit_kernels_classic():
     kf = make_kernel_function("rbf", length_scale=0.8)
     assert isinstance(kf, RBF)
     np.testing.assert_allclose(kf(X, XT).numpy(), np.exp(-(r**2) / (2 * 0.8**2)), rtol=1e-10)
+
+# ----------------------------------------------------------------------------------------------
+# standard parameterization: the NTK depends on the hidden widths, given by ``width``
+def _std_gram(A, B=None, depth=2, width=64, W_std=1.2, b_std=0.3, get="ntk"):
+    arch = ntkit.mlp(depth, W_std=W_std, b_std=b_std, parameterization="standard")
+    return arch.kernel(torch.from_numpy(A), None if B is None else torch.from_numpy(B), get, width=width).numpy()
+
+
+@pytest.mark.parametrize("width", [7, [5, 300]])
+def test_standard_parameterization_regressor_uses_width(width):
+    kw = dict(depth=2, W_std=1.2, b_std=0.3, parameterization="standard")
+    est = NTKRegressor(width=width, **kw).fit(X, Y)
+    K, Kt = _std_gram(X, width=width), _std_gram(XT, X, width=width)
+    np.testing.assert_allclose(est.predict(XT), Kt @ np.linalg.solve(K, Y), rtol=1e-8, atol=1e-10)
+    # the width really reaches the kernel: another width gives another standard-parameterization NTK
+    other = NTKRegressor(width=1000, **kw).fit(X, Y).predict(XT)
+    assert np.abs(other - est.predict(XT)).max() > 1e-3
+    # the classifier (regression solver) and the GP kernel object take the same parameter
+    lab = (X[:, 0] > 0).astype(int)
+    clf = NTKClassifier(solver="regression", width=width, **kw).fit(X, lab)
+    c = 2
+    alpha = np.linalg.solve(K, np.eye(c)[lab] - 1.0 / c)
+    s = Kt @ alpha
+    np.testing.assert_allclose(clf.decision_function(XT), s[:, 1] - s[:, 0], rtol=1e-8, atol=1e-10)
+    kern = NTKKernel(depth=2, W_std=1.2, b_std=0.3, parameterization="standard", width=width)
+    np.testing.assert_allclose(kern(X), K, rtol=1e-12)
+    np.testing.assert_allclose(kern(XT, X), Kt, rtol=1e-12)
+    np.testing.assert_allclose(kern.diag(X), np.diag(K), rtol=1e-12)
+    assert clone(kern).get_params()["width"] == width
+
+
+def test_standard_parameterization_without_width_is_a_clear_error():
+    est = NTKRegressor(parameterization="standard")  # __init__ stores only
+    assert est.get_params()["width"] is None
+    with pytest.raises(ValueError, match="parameterization='standard' needs width="):
+        est.fit(X, Y)
+    with pytest.raises(ValueError, match="needs width="):
+        NTKKernel(parameterization="standard")(X)
+    # set_params / clone carry the width; then fitting works
+    est.set_params(width=32)
+    np.testing.assert_allclose(clone(est).fit(X, Y).predict(XT), est.fit(X, Y).predict(XT), rtol=1e-14)
+    # the NNGP does not depend on the width (same in both parameterizations): no width needed
+    nngp = NNGPRegressor(parameterization="standard", depth=2, W_std=1.2, b_std=0.3).fit(X, Y)
+    want = _std_gram(XT, X, get="nngp", width=None) @ np.linalg.solve(_std_gram(X, get="nngp", width=None), Y)
+    np.testing.assert_allclose(nngp.predict(XT), want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("width", [0, -3, 2.5, True, "64", [8], [8, 0]])
+def test_invalid_width_raises_in_fit(width):
+    est = NTKRegressor(depth=2, parameterization="standard", width=width)
+    with pytest.raises(ValueError, match="width"):
+        est.fit(X, Y)

@@ -12,6 +12,7 @@ ESTIMATORS = [
     NNGPClassifier(),
     NTKClassifier(solver="regression", depth=2),
     NTKRegressor(kernel="laplace", diag_reg=0.1),
+    NTKRegressor(depth=2, parameterization="standard", width=16),
 ]
 
 

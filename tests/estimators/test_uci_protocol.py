@@ -95,6 +95,35 @@ def test_summary_statistics_by_hand():
         summarize({"a": {"x": 1.0}, "b": {"y": 1.0}})
 
 
+def test_unknown_dataset_is_a_clear_error(tmp_path, capsys):
+    from ntkit.experiments.uci import main
+
+    with pytest.raises(ValueError, match=r"\['nosuch'\] not found under .*available.*iris.*--list"):
+        run_uci(DATA, tmp_path / "out", methods={"rbf": default_methods()["rbf"]}, progress=False,
+                datasets=["iris", "nosuch"])
+    assert not (tmp_path / "out" / "iris.json").exists()  # checked before any work
+    with pytest.raises(SystemExit) as ex:  # the CLI: a usage error (exit 2), not a traceback
+        main(["--data", str(DATA), "--out", str(tmp_path / "cli"), "--datasets", "nosuch", "--no-progress"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and "not found under" in err and "--list" in err and "Traceback" not in err
+    assert main(["--data", str(DATA), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["hepatitis", "iris", "zoo"]
+
+
+def test_cli_help_is_complete(capsys):
+    from ntkit.experiments.uci import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["--help"])
+    assert ex.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse re-wraps lines
+    assert "infinitely wide deep nets on small-data tasks" in out  # the full title, not cut mid-sentence
+    options = out.split("options:", 1)[1]  # after the usage line
+    methods_help = options.split("--methods METHODS", 1)[1].split("--datasets", 1)[0]
+    assert all(m in methods_help for m in ("ntk", "laplace", "gamma_exp", "rbf", "rf", "mlp"))
+
+
 def _regenerate() -> None:  # pragma: no cover - maintenance helper
     import tempfile
 
