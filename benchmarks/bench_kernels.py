@@ -4,7 +4,7 @@
 The network and inputs are exactly those of ../shared/tools/neural_tangents/bench.py: NTK
 parameterization, DEPTH x [Dense(W_std=sqrt(2), b_std=0.05), Relu], Dense readout with the same
 W_std, b_std; x = np.random.default_rng(0).standard_normal((N, D)). Timing: one warm-up call, then
-the median of REPEATS calls. The floor is the Gram matrix x x^T (one matmul) plus one in-place
+the median of REPEATS (default 5) calls. The floor is the Gram matrix x x^T (one matmul) plus one in-place
 elementwise pass over the n x n matrix per Dense layer.
 
 Usage (from the repository root):
@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--d", type=int, default=784)
     ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-nt", action="store_true", help="skip neural-tangents")
     ap.add_argument("--large", type=int, default=0, help="also time one float64 kernel of this many inputs")
     args = ap.parse_args(argv)
