@@ -222,79 +222,103 @@ def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn
     Structured derivatives rebuild a parameter's Jacobian from the inputs and output cotangents of the
     recorded layer calls, which is right only if (i) every use of the parameter goes through those calls
     (not ``x @ layer.weight`` elsewhere, nor ``F.linear(x, out_proj.weight)`` inside attention), and (ii) the
-    layer sees the batch along its first axis. Both are checked on a probe batch: with a random cotangent
-    on sample 0 only, the gradient of each parameter by autograd (sample 0's own gradient) must equal the
-    one rebuilt from sample 0's recorded patches and cotangents (to sqrt(eps)). Parameters that fail go
-    to the Jacobian method, so ``structured`` and ``auto`` stay exact for any model."""
+    layer sees the batch along its first axis. Both are checked on a probe batch: a random cotangent on
+    sample 0 alone must reach only row 0 of each recorded layer output (the batch axis), and with a random
+    cotangent on all probe samples (which also catches uses that only some samples route through) the
+    gradient of each parameter by autograd must equal the one rebuilt from the recorded patches and
+    cotangents (to sqrt(eps), compared through a 3 x 3 Gaussian sketch U^T G W, so the rebuilt side never
+    forms a c x d matrix). Parameters that
+    fail go to the Jacobian method, so ``structured`` and ``auto`` stay exact for any model whose use of a
+    parameter does not depend on data outside the probe."""
     rec = _Recorder(model, params)
     cand = sorted(rec.covered)
     if not cand:
         rec.remove()
         return set()
+    gen = torch.Generator(device="cpu").manual_seed(1234)
     try:
         with torch.enable_grad():
             leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
             out = fwd(leaf, probe)
-            gen = torch.Generator(device="cpu").manual_seed(1234)
-            v = torch.randn(out.shape[1:], generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+            v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
             nodes = [c[2] for c in rec.calls]
-            grads = torch.autograd.grad((out[0] * v).sum(), nodes + [leaf[c] for c in cand], allow_unused=True)
+            wrt = nodes + [leaf[c] for c in cand]
+            # sample 0's cotangent alone must reach only row 0 of every recorded layer output (batch on the
+            # first axis); nodes only, no parameter gradients needed for that
+            grads_one = torch.autograd.grad((out[0] * v[0]).sum(), nodes, retain_graph=True, allow_unused=True)
+            grads_all = torch.autograd.grad((out * v).sum(), wrt, allow_unused=True)
     finally:
         rec.remove()
-    g_nodes, g_true = grads[:len(nodes)], dict(zip(cand, grads[len(nodes):]))
     n = probe.shape[0]
     pid = {id(p): name for name, p in model.named_parameters()}
-    # compare sketches U^T G W (3 x 3 random projections) rather than whole weight gradients: a mismatch
-    # survives a Gaussian sketch with probability 1, and the rebuilt side never forms the c x d matrix
     sketch: dict[str, tuple] = {}
-    rebuilt: dict[str, torch.Tensor] = {}
     failed: set[str] = set()
-    for (module, a, o), g in zip(rec.calls, g_nodes):
+    patches = {}
+    for idx, (module, a, o) in enumerate(rec.calls):
         w_name, b_name = _module_param_names(module, pid)
-        if g is None:
-            continue  # the output does not depend on this call
         try:
             if a.shape[0] != n or o.shape[0] != n:
                 raise ValueError("batch not along the first axis")
-            pa = _patches(module, a.detach())[0]  # sample 0: (L, d)
-            gc = _cotangent_positions(module, g.detach().unsqueeze(1))[0, 0]  # (L, c)
-            if pa.shape[0] != gc.shape[0]:
-                raise ValueError("positions do not match")
+            patches[idx] = _patches(module, a.detach())  # (n, L, d)
         except (ValueError, RuntimeError, NotImplementedError):
             failed.update(x for x in (w_name, b_name) if x is not None)
+
+    for idx, ((module, a, o), g) in enumerate(zip(rec.calls, grads_one)):
+        if g is None or idx not in patches or n < 2:
             continue
-        ws, bs = _weight_scales(module)
-        if w_name in g_true:
-            if w_name not in sketch:
-                sketch[w_name] = (torch.randn(gc.shape[1], 3, generator=gen, dtype=torch.float64).to(gc),
-                                  torch.randn(pa.shape[1], 3, generator=gen, dtype=torch.float64).to(pa))
-            u, w = sketch[w_name]
-            term = (gc @ u).T @ (pa @ w) * ws  # U^T (sum_p g_p a_p^T) W
-            rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
-        if b_name in g_true:
-            term = gc.sum(0) * bs
-            rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
-    ok = set()
-    for name in cand:
-        if name in failed:
-            continue
-        true, mine = g_true[name], rebuilt.get(name)
-        if true is None:
-            if mine is None or float(mine.abs().max()) == 0.0:
-                ok.add(name)  # the parameter does not influence the output at all
-            continue
-        if name in sketch:
-            u, w = sketch[name]
-            scale = float(torch.linalg.vector_norm(true)) * 3.0
-            true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
-        else:
-            scale = float(torch.linalg.vector_norm(true))
-            true = true.reshape(-1)
-        if mine is None or mine.shape != true.shape:
-            continue
-        if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
-            ok.add(name)
-    return ok
+        if float(g[1:].abs().max()) > torch.finfo(g.dtype).eps * float(g.abs().max()):
+            failed.update(x for x in _module_param_names(module, pid) if x is not None)
+
+    def agree(grads, rows: int) -> set[str]:
+        g_nodes, g_true = grads[:len(nodes)], dict(zip(cand, grads[len(nodes):]))
+        rebuilt: dict[str, torch.Tensor] = {}
+        for idx, ((module, a, o), g) in enumerate(zip(rec.calls, g_nodes)):
+            if g is None or idx not in patches:
+                continue  # the output does not depend on this call, or the call failed the axis check
+            w_name, b_name = _module_param_names(module, pid)
+            pa = patches[idx][:rows]  # (rows, L, d)
+            try:
+                gc = _cotangent_positions(module, g.detach().unsqueeze(1))[:rows, 0]  # (rows, L, c)
+            except (ValueError, RuntimeError):
+                failed.update(x for x in (w_name, b_name) if x is not None)
+                continue
+            if pa.shape[1] != gc.shape[1]:
+                failed.update(x for x in (w_name, b_name) if x is not None)
+                continue
+            ws, bs = _weight_scales(module)
+            if w_name in g_true:
+                if w_name not in sketch:
+                    sketch[w_name] = (torch.randn(gc.shape[2], 3, generator=gen, dtype=torch.float64).to(gc),
+                                      torch.randn(pa.shape[2], 3, generator=gen, dtype=torch.float64).to(pa))
+                u, w = sketch[w_name]
+                term = torch.einsum("ipk,ipl->kl", gc @ u, pa @ w) * ws  # U^T (sum_{i,p} g a^T) W
+                rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
+            if b_name in g_true:
+                term = gc.sum((0, 1)) * bs
+                rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
+        ok = set()
+        for name in cand:
+            if name in failed:
+                continue
+            true, mine = g_true[name], rebuilt.get(name)
+            if true is None:
+                if mine is None or float(mine.abs().max()) == 0.0:
+                    ok.add(name)  # the parameter does not influence the output at all
+                continue
+            if name in sketch:
+                u, w = sketch[name]
+                scale = float(torch.linalg.vector_norm(true)) * 3.0
+                true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
+            else:
+                scale = float(torch.linalg.vector_norm(true))
+                true = true.reshape(-1)
+            if mine is None or mine.shape != true.shape:
+                continue
+            if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
+                ok.add(name)
+        return ok
+
+    return agree(grads_all, n)
 
 
 def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -435,7 +459,7 @@ def _pair_term(call1, call2, weight: bool, output: str, cache: dict, key) -> tor
 def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full", verified: set | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     if verified is None:
-        verified = _verified_structured(fwd, params, x1[:3], model)
+        verified = _verified_structured(fwd, params, x1[:8], model)
     covered = set(verified)
     calls1, uses1, k = _structured_features(fwd, params, x1, model, covered)
     calls2, uses2 = (calls1, uses1) if x2 is None else _structured_features(fwd, params, x2, model, covered)[:2]
@@ -618,7 +642,7 @@ def empirical_ntk(
                              "implementation='jacobian' (or 'auto'), or call model.eval() first.")
         verified = None
         if impl == "structured":  # which parameters the structured path may take (the rest: Jacobian)
-            probe_x = t1[:3] if t1.shape[0] >= 2 or t2 is None else torch.cat([t1, t2[:2]])
+            probe_x = t1[:8] if t1.shape[0] >= 2 or t2 is None else torch.cat([t1, t2[:7]])
             verified = _verified_structured(fwd, chosen, probe_x, model)
         bs = batch_size
         if bs is None:

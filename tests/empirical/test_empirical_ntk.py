@@ -86,6 +86,17 @@ class WeightReused(nn.Module):
         return self.o(h + torch.tanh(h @ self.l.weight.T))
 
 
+class Routed(nn.Module):
+    """A weight used through its Linear for some samples and directly (x @ W^T) for others."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.o = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(torch.where(x[:, :1] > 0, self.l(x), x @ self.l.weight.T)))
+
+
 class Attention(nn.Module):
     """nn.MultiheadAttention calls its out_proj Linear's weight through F.linear (no forward hook)."""
 
@@ -139,6 +150,9 @@ def _zoo():
                                                                             padding_mode="circular"),
                             nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).double()
     reused = WeightReused().double()
+    routed = Routed().double()
+    x_routed = (torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64))
+    x_routed[0][:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64)  # sample 0 uses the Linear
     inplace = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     att = Attention().double().eval()
     x_att = (torch.randn(3, 12, generator=g, dtype=torch.float64), torch.randn(2, 12, generator=g, dtype=torch.float64))
@@ -162,6 +176,7 @@ def _zoo():
         "grouped_circular_conv": (grouped, x_img, None, None),
         "weight_reused_outside_module": (reused, x_tied, None, None),
         "inplace_relu": (inplace, x_flat, None, None),
+        "weight_routed_per_sample": (routed, x_routed, None, None),
         "multihead_attention": (att, x_att, None, None),
         "batch_not_first_axis": (bnf, x_bnf, None, None),
         "batch_not_first_axis_coincident": (bnf, x_bnf5, None, None),
