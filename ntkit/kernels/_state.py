@@ -32,10 +32,14 @@ class KernelState:
         Whether the current activations are Gaussian pre-activations (the output of an affine
         layer, possibly summed over residual branches), which the activation dual kernels require.
     deps : frozenset
-        The fan-outs whose input these activations are a weight-free function of (no Dense layer
-        since the fan-out). Two branches that share one are correlated, and adding them needs
-        their cross-covariance, which ``FanInSum`` refuses to guess; a Dense layer resets it (its
-        fresh zero-mean weights make the branch uncorrelated with everything else).
+        The fan-outs whose input these activations are a function of without a Dense layer since
+        (a Dense layer resets it).
+    fresh : bool
+        Whether the last layer was a Dense layer: the activations are zero-mean with weights of
+        their own. ``FanInSum`` adds branch kernels only when every branch but one is fresh with
+        empty ``deps`` -- then all cross terms E[f_i(x) f_j(x')] vanish; otherwise (x + relu(x), or
+        two branches ending in ReLU, whose means do not vanish) the kernel of the sum needs cross
+        terms, and it refuses rather than guess.
     """
 
     nngp: torch.Tensor
@@ -45,6 +49,7 @@ class KernelState:
     width: int | None
     gaussian: bool
     deps: frozenset = frozenset()
+    fresh: bool = False
 
     def replace(self, **changes) -> "KernelState":
         return replace(self, **changes)

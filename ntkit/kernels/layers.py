@@ -196,7 +196,7 @@ class Dense(Layer):
                     raise ConfigError("the standard-parameterization NTK depends on the finite width of each "
                                       "Dense layer's input; give every hidden Dense an out_dim (or pass width=).")
                 ntk = k.nngp * float(k.width) + ntk * w2 + (1.0 if self.b_std is not None else 0.0)
-        return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=self.out_dim, gaussian=True)
+        return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=self.out_dim, gaussian=True, fresh=True)
 
     def build_module(self, in_features, ctx: BuildContext):
         if isinstance(in_features, tuple):
@@ -271,11 +271,10 @@ class _FanOutModule(nn.Module):
 
 @dataclass(frozen=True)
 class FanInSum(Layer):
-    """Add the branches elementwise. Kernels add, because the branches are uncorrelated zero-mean
-    Gaussian processes: the cross terms vanish when every branch but one ends in its own Dense layer
-    (fresh zero-mean weights). Branches that are both weight-free functions of the same fan-out input
-    (e.g. ``residual(Relu())``: x + relu(x)) are correlated, and the kernel refuses them with a
-    ConfigError rather than return a wrong number."""
+    """Add the branches elementwise. Kernels add when the cross terms E[f_i(x) f_j(x')] vanish, which
+    holds when every branch but one ends in a Dense layer of its own (zero-mean output, fresh weights).
+    Other sums -- x + relu(x), x + x, two branches ending in ReLU (non-zero means) -- get a ConfigError
+    from the kernel rather than a wrong number; the finite network builds them all the same."""
 
     layer_name = "fanin_sum"
 
@@ -285,15 +284,16 @@ class FanInSum(Layer):
         widths = {k.width for k in ks if k.width is not None}
         if len(widths) > 1:
             raise ConfigError(f"fanin_sum adds branches of different widths {sorted(widths)}; they must match")
-        for i in range(len(ks)):
-            for j in range(i + 1, len(ks)):
-                if ks[i].deps & ks[j].deps:
-                    raise ConfigError(
-                        f"fanin_sum adds branches {i} and {j}, which are both weight-free functions of the same "
-                        "fan-out input (neither has a Dense layer of its own after the fanout), so they are "
-                        "correlated and the kernel of their sum needs their cross-covariance, which ntkit does "
-                        "not compute. End every branch but one with a Dense layer, as in the usual residual "
-                        "block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
+        loose = [i for i, k in enumerate(ks) if k.deps or not k.fresh]
+        if len(loose) > 1:
+            i, j = loose[:2]
+            why = ("both weight-free functions of the same fan-out input" if ks[i].deps & ks[j].deps else
+                   "not both zero-mean outputs of Dense layers of their own")
+            raise ConfigError(
+                f"fanin_sum adds branches {i} and {j}, which are {why}, so the kernel of their sum has "
+                "cross terms E[f_i(x) f_j(x')] that do not vanish (correlation, or non-zero means as after "
+                "a ReLU) and that ntkit does not compute. End every branch but one with a Dense layer, as in "
+                "the usual residual block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
         ntks = [k.ntk for k in ks]
         ntk = None if any(t is None for t in ntks) else sum(ntks[1:], ntks[0])
         return KernelState(
@@ -304,6 +304,7 @@ class FanInSum(Layer):
             width=next(iter(widths)) if widths else None,
             gaussian=all(k.gaussian for k in ks),
             deps=frozenset().union(*(k.deps for k in ks)),
+            fresh=all(k.fresh for k in ks),
         )
 
     def build_module(self, in_features, ctx):
