@@ -17,7 +17,13 @@ Three implementations, which must agree to rounding (tested against brute-force 
   Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
   samples one at a time (train-mode BatchNorm, normalisation over the batch or dropout fail the check),
-  and then uses the Jacobian or NTK-vector method on the whole batch instead.
+  and then uses the Jacobian or NTK-vector method on the whole batch instead. A parameter is taken by
+  the structured rule only if (i) on a probe batch its gradient by autograd equals the one rebuilt from
+  the recorded layer calls (the layer computes what the rule assumes) and the batch is the layer's first
+  axis, and (ii) in every block's own autograd graph all its uses are recorded layer calls (no
+  ``x @ layer.weight`` elsewhere, no attention ``out_proj`` used through ``F.linear``, no ``torch.where``
+  routing some samples around the layer); in-place operations on recorded outputs are detected by
+  version counter and the block is recomputed on copies. Anything else goes to the Jacobian method.
 
 ``"auto"`` chooses the implementation with the smallest FLOP count (:func:`cost_estimate`) among the
 valid ones whose block fits the memory budget (:func:`peak_memory_estimate`); every choice returns the
@@ -216,6 +222,78 @@ def _module_param_names(module: nn.Module, pid: Mapping[int, str]) -> tuple[str 
     return w, b
 
 
+def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls, names, pid) -> set[str]:
+    """Parameters of ``names`` that the autograd graph of ``out`` uses more often than the recorded layer
+    calls do -- a use outside them (``x @ layer.weight``, attention's ``F.linear(x, out_proj.weight)``, a
+    ``torch.where`` that routes some samples around the layer). Counts the graph's edges into each
+    parameter's gradient accumulator: structural, exact, and cheap (one walk over the graph's nodes)."""
+    target = {id(leaf[nm]): nm for nm in names if nm in leaf}
+    edges = dict.fromkeys(target.values(), 0)
+    seen, stack = set(), [out.grad_fn] if out.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                nm = target.get(id(var))
+                if nm is not None:
+                    edges[nm] += 1
+            elif nxt not in seen:
+                stack.append(nxt)
+    recorded = dict.fromkeys(edges, 0)
+    for module, _, _ in calls:
+        for nm in _module_param_names(module, pid):
+            if nm in recorded:
+                recorded[nm] += 1
+    return {nm for nm in edges if edges[nm] > recorded[nm]}
+
+
+def _sketch_check(entries, g_true: Mapping[str, torch.Tensor | None], cand, gen: torch.Generator) -> set[str]:
+    """Which parameters' gradients (by autograd, ``g_true``) equal the ones rebuilt from recorded layer calls.
+
+    ``entries``: (w_name, b_name, ws, bs, patches (n, L, d), cotangents (n, L, c)) per call, for one scalar
+    objective. The weight gradient of a call is ws sum_{i,p} g_ip a_ip^T; it is compared through a 3 x 3
+    Gaussian sketch U^T G W (to sqrt(eps) of ||G||_F), so the rebuilt side never forms a c x d matrix; a
+    mismatch survives the sketch with probability 1."""
+    sketch: dict[str, tuple] = {}
+    rebuilt: dict[str, torch.Tensor] = {}
+    for w_name, b_name, ws, bs, pa, gc in entries:
+        if w_name in g_true:
+            if w_name not in sketch:
+                sketch[w_name] = (torch.randn(gc.shape[2], 3, generator=gen, dtype=torch.float64).to(gc),
+                                  torch.randn(pa.shape[2], 3, generator=gen, dtype=torch.float64).to(pa))
+            u, w = sketch[w_name]
+            term = torch.einsum("ipk,ipl->kl", gc @ u, pa @ w) * ws
+            rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
+        if b_name in g_true:
+            term = gc.sum((0, 1)) * bs
+            rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
+    ok = set()
+    for name in cand:
+        true, mine = g_true.get(name), rebuilt.get(name)
+        if true is None:
+            if mine is None or float(mine.abs().max()) == 0.0:
+                ok.add(name)  # the parameter does not influence the output at all
+            continue
+        if name in sketch:
+            u, w = sketch[name]
+            scale = float(torch.linalg.vector_norm(true)) * 3.0
+            true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
+        else:
+            scale = float(torch.linalg.vector_norm(true))
+            true = true.reshape(-1)
+        if mine is None or mine.shape != true.shape:
+            continue
+        if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
+            ok.add(name)
+    return ok
+
+
 def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn.Module) -> set[str]:
     """The parameters whose NTK contribution the structured path assembles correctly for this model.
 
@@ -242,6 +320,8 @@ def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn
             out = fwd(leaf, probe)
             v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
             nodes = [c[2] for c in rec.calls]
+            if not nodes:  # no structured layer ran through its own forward (e.g. attention's out_proj)
+                return set()
             wrt = nodes + [leaf[c] for c in cand]
             # sample 0's cotangent alone must reach only row 0 of every recorded layer output (batch on the
             # first axis); nodes only, no parameter gradients needed for that
@@ -251,7 +331,6 @@ def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn
         rec.remove()
     n = probe.shape[0]
     pid = {id(p): name for name, p in model.named_parameters()}
-    sketch: dict[str, tuple] = {}
     failed: set[str] = set()
     patches = {}
     for idx, (module, a, o) in enumerate(rec.calls):
@@ -269,56 +348,23 @@ def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn
         if float(g[1:].abs().max()) > torch.finfo(g.dtype).eps * float(g.abs().max()):
             failed.update(x for x in _module_param_names(module, pid) if x is not None)
 
-    def agree(grads, rows: int) -> set[str]:
-        g_nodes, g_true = grads[:len(nodes)], dict(zip(cand, grads[len(nodes):]))
-        rebuilt: dict[str, torch.Tensor] = {}
-        for idx, ((module, a, o), g) in enumerate(zip(rec.calls, g_nodes)):
-            if g is None or idx not in patches:
-                continue  # the output does not depend on this call, or the call failed the axis check
-            w_name, b_name = _module_param_names(module, pid)
-            pa = patches[idx][:rows]  # (rows, L, d)
-            try:
-                gc = _cotangent_positions(module, g.detach().unsqueeze(1))[:rows, 0]  # (rows, L, c)
-            except (ValueError, RuntimeError):
-                failed.update(x for x in (w_name, b_name) if x is not None)
-                continue
-            if pa.shape[1] != gc.shape[1]:
-                failed.update(x for x in (w_name, b_name) if x is not None)
-                continue
-            ws, bs = _weight_scales(module)
-            if w_name in g_true:
-                if w_name not in sketch:
-                    sketch[w_name] = (torch.randn(gc.shape[2], 3, generator=gen, dtype=torch.float64).to(gc),
-                                      torch.randn(pa.shape[2], 3, generator=gen, dtype=torch.float64).to(pa))
-                u, w = sketch[w_name]
-                term = torch.einsum("ipk,ipl->kl", gc @ u, pa @ w) * ws  # U^T (sum_{i,p} g a^T) W
-                rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
-            if b_name in g_true:
-                term = gc.sum((0, 1)) * bs
-                rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
-        ok = set()
-        for name in cand:
-            if name in failed:
-                continue
-            true, mine = g_true[name], rebuilt.get(name)
-            if true is None:
-                if mine is None or float(mine.abs().max()) == 0.0:
-                    ok.add(name)  # the parameter does not influence the output at all
-                continue
-            if name in sketch:
-                u, w = sketch[name]
-                scale = float(torch.linalg.vector_norm(true)) * 3.0
-                true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
-            else:
-                scale = float(torch.linalg.vector_norm(true))
-                true = true.reshape(-1)
-            if mine is None or mine.shape != true.shape:
-                continue
-            if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
-                ok.add(name)
-        return ok
-
-    return agree(grads_all, n)
+    g_nodes, g_true = grads_all[:len(nodes)], dict(zip(cand, grads_all[len(nodes):]))
+    entries = []
+    for idx, ((module, a, o), g) in enumerate(zip(rec.calls, g_nodes)):
+        if g is None or idx not in patches:
+            continue  # the output does not depend on this call, or the call failed the axis check
+        w_name, b_name = _module_param_names(module, pid)
+        try:
+            gc = _cotangent_positions(module, g.detach().unsqueeze(1))[:, 0]  # (n, L, c)
+        except (ValueError, RuntimeError):
+            gc = None
+        if gc is None or gc.shape[1] != patches[idx].shape[1]:
+            failed.update(x for x in (w_name, b_name) if x is not None)
+            continue
+        ws, bs = _weight_scales(module)
+        entries.append((w_name, b_name, ws, bs, patches[idx], gc))
+    failed |= _unrecorded_uses(out, leaf, rec.calls, cand, pid)
+    return _sketch_check(entries, g_true, cand, gen) - failed
 
 
 def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -366,9 +412,11 @@ def _weight_scales(module) -> tuple[float, float]:
 def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Module, names: set[str]):
     """One forward with hooks and k backward passes.
 
-    Returns ``(calls, uses, k)``: ``calls[c] = (patches (n, L, d), cotangents (n, k, L, c))`` for every call
-    of a structured layer, and ``uses[name] = [(c, is_weight, scale), ...]`` the calls in which each
-    selected parameter of ``names`` takes part (tied weights: several), with the parameterization's scale."""
+    Returns ``(calls, uses, k, ok)``: ``calls[c] = (patches (n, L, d), cotangents (n, k, L, c))`` for every
+    call of a structured layer; ``ok`` the parameters of ``names`` that this very batch's autograd graph uses
+    only through the recorded calls (:func:`_unrecorded_uses`); ``uses[name] =
+    [(c, is_weight, scale), ...]`` the calls in which each parameter of ``ok`` takes part (tied weights:
+    several), with the parameterization's scale."""
     for clone in (False, True):
         # first without copying layer outputs; if an in-place operation downstream changed a recorded
         # output (its version counter moved), again with the hooks returning copies
@@ -384,27 +432,28 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
         if clone or all(o._version == ver for o, ver in zip((c[2] for c in rec.calls), rec.versions)):
             break
         rec.remove()
+    pid = {id(v_): name for name, v_ in model.named_parameters()}
+    # every use of each parameter in this block's own graph must be a recorded call (cheap edge count)
+    ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid)
     try:
         with torch.enable_grad():
             n, k = out.shape
             node_outs = [c[2] for c in rec.calls]
             grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=a < k - 1, allow_unused=True)
-                     for a in range(k)]
+                     for a in range(k)] if node_outs else []
     finally:
         rec.remove()
     calls, uses = [], {}
-    pid = {id(v): name for name, v in model.named_parameters()}
     for idx, (module, a, o) in enumerate(rec.calls):
         g = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o) for b in range(k)], 1)
         calls.append((_patches(module, a.detach()), _cotangent_positions(module, g.detach())))
         ws, bs = _weight_scales(module)
-        w_name = pid.get(id(module.weight))
-        b_name = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
-        if w_name in names:
+        w_name, b_name = _module_param_names(module, pid)
+        if w_name in ok:
             uses.setdefault(w_name, []).append((idx, True, ws))
-        if b_name in names:
+        if b_name in ok:
             uses.setdefault(b_name, []).append((idx, False, bs))
-    return calls, uses, k
+    return calls, uses, k, ok
 
 
 def _contract(u1: torch.Tensor, u2: torch.Tensor, output: str) -> torch.Tensor:
@@ -461,8 +510,15 @@ def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full", 
     if verified is None:
         verified = _verified_structured(fwd, params, x1[:8], model)
     covered = set(verified)
-    calls1, uses1, k = _structured_features(fwd, params, x1, model, covered)
-    calls2, uses2 = (calls1, uses1) if x2 is None else _structured_features(fwd, params, x2, model, covered)[:2]
+    if not covered:  # nothing the structured path can take: Jacobian contraction for everything
+        return _ntk_jacobian(fwd, params, x1, x2, independent=True, output=output)
+    calls1, uses1, k, ok1 = _structured_features(fwd, params, x1, model, covered)
+    if x2 is None:
+        calls2, uses2, ok2 = calls1, uses1, ok1
+    else:
+        calls2, uses2, _, ok2 = _structured_features(fwd, params, x2, model, covered)
+    covered = ok1 & ok2  # verified on both blocks' own data
+    uses1 = {name: u for name, u in uses1.items() if name in covered}
     n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
     theta = None
     cache: dict = {}

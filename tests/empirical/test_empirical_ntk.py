@@ -339,3 +339,70 @@ def test_cost_model_orders_the_implementations():
     assert costs["structured"] < costs["jacobian"] / 10 and costs["structured"] < costs["ntk_vector"] / 10
     # coupled samples make the whole-batch Jacobian quadratic in n
     assert cost_estimate("jacobian", 256, 256, 1, p, f, w, independent=False) > 10 * costs["jacobian"]
+
+
+class WhereReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.where(x[:, :1] > 0, self.fc(x), x @ self.fc.weight.T)
+
+
+class BareAttention(nn.Module):
+    """Only an attention layer: its out_proj Linear never runs through its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        t = x.reshape(x.shape[0], 2, 4)
+        return self.att(t, t, t, need_weights=False)[0].reshape(x.shape[0], -1)
+
+
+class PerSampleLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return torch.cat([self.b(torch.tanh(self.a(x[i:i + 1]))) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("case", ["routing_beyond_probe", "routing_beyond_probe_x2", "routing_blocks",
+                                  "bare_attention", "bias_free_reuse", "per_sample_loop"])
+def test_structured_and_auto_stay_exact_when_the_probe_cannot_tell(case):
+    """The probe (first 8 rows) sees only the Linear's own call; later rows route the weight elsewhere, so
+    each block is checked on its own data. And models where no parameter can take the structured path
+    (attention's out_proj, weights reused outside, one-sample-at-a-time loops) fall back instead of failing."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    x[:8, 0] = x[:8, 0].abs() + 0.1
+    x[8:, 0] = -x[8:, 0].abs() - 0.1
+    kw = {}
+    if case.startswith("routing"):
+        model = WhereReuse().double()
+        x1, x2 = (x, None) if case != "routing_beyond_probe_x2" else (x[:8], x[8:])
+        if case == "routing_blocks":
+            kw = {"batch_size": 4}
+    elif case == "bare_attention":
+        model, x1, x2 = BareAttention().double().eval(), torch.randn(5, 8, generator=g, dtype=torch.float64), None
+    elif case == "bias_free_reuse":
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(4, 3, bias=False)
+
+            def forward(self, x):
+                return self.a(x) + torch.tanh(x @ self.a.weight.T)
+        model, x1, x2 = M().double(), x[:5], x[5:7]
+    else:
+        model, x1, x2 = PerSampleLoop().double(), x[:5], x[5:6]
+    names = [k for k, v in model.named_parameters() if v.requires_grad]
+    ref = brute_force_ntk(model, x1, x1 if x2 is None else x2, names)
+    for impl in ("auto", "structured"):
+        got = empirical_ntk(model, x1, x2, output="full", implementation=impl, **kw)
+        assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), impl
