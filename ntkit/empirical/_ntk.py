@@ -17,13 +17,16 @@ Three implementations, which must agree to rounding (tested against brute-force 
   Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
   samples one at a time (train-mode BatchNorm, normalisation over the batch or dropout fail the check),
-  and then uses the Jacobian or NTK-vector method on the whole batch instead. A parameter is taken by
-  the structured rule only if (i) on a probe batch its gradient by autograd equals the one rebuilt from
-  the recorded layer calls (the layer computes what the rule assumes) and the batch is the layer's first
-  axis, and (ii) in every block's own autograd graph all its uses are recorded layer calls (no
+  and then uses the Jacobian or NTK-vector method on the whole batch instead. The structured rule takes
+  the parameters of nn.Linear, nn.Conv1d/2d and ntkit's Dense layers running their own ``forward`` (not
+  overridden, no user hooks); every block then checks, on its own autograd graph, that (i) each such
+  parameter is used only through recorded layer calls (edge count into its gradient accumulator: no
   ``x @ layer.weight`` elsewhere, no attention ``out_proj`` used through ``F.linear``, no ``torch.where``
-  routing some samples around the layer); in-place operations on recorded outputs are detected by
-  version counter and the block is recomputed on copies. Anything else goes to the Jacobian method.
+  routing some samples around the layer), (ii) every call sees the batch along its first axis, and (iii)
+  row p of every recorded output belongs to sample p (a random per-sample cotangent must reach row p
+  scaled by its own weight: sorting or permuting the batch inside the model fails it). In-place operations
+  on recorded outputs are detected by version counter and the block is recomputed on copies; calls under
+  ``no_grad`` do not count. Any parameter that fails goes to the Jacobian method for that block.
 
 ``"auto"`` chooses the implementation with the smallest FLOP count (:func:`cost_estimate`) among the
 valid ones whose block fits the memory budget (:func:`peak_memory_estimate`); every choice returns the
@@ -189,27 +192,41 @@ class _Recorder:
     the autograd graph; ``versions`` holds the outputs' version counters at record time (to detect such
     operations when not copying)."""
 
-    def __init__(self, model: nn.Module, names: Iterable[str], clone_outputs: bool = True):
+    def __init__(self, model: nn.Module, names: Iterable[str], clone_outputs: bool = True, grad_only: bool = True):
         names = set(names)
+        self.grad_only = grad_only
         self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.versions: list[int] = []
         self.handles = []
         self.clone_outputs = clone_outputs
         pid = {id(v): k for k, v in model.named_parameters()}
         self.covered: set[str] = set()
+        from torch.nn.modules import module as _mod
+        if getattr(_mod, "_global_forward_hooks", None) or getattr(_mod, "_global_forward_pre_hooks", None):
+            names = set()  # global hooks could change any layer's input or output: no structured layers
         for m in model.modules():
             if _module_supported(m):
                 own = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
                 if any(n in names for n in own):
-                    self.handles.append(m.register_forward_hook(self._hook))
+                    self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
                     self.covered.update(n for n in own if n in names)
+        self.bad: set[nn.Module] = set()  # modules with a call the rule cannot describe
 
-    def _hook(self, module, inputs, output):
-        self.calls.append((module, inputs[0], output))
+    def _hook(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            self.bad.add(module)
+            return None
+        if self.grad_only and not output.requires_grad:  # a call under no_grad: no graph, no contribution
+            return None
+        self.calls.append((module, x, output))
         self.versions.append(output._version)
-        if self.clone_outputs and isinstance(output, torch.Tensor):
+        if self.clone_outputs:
             return output.clone()
         return None
+
+    def bad_names(self, pid) -> set[str]:
+        return {nm for m in self.bad for nm in _module_param_names(m, pid) if nm is not None}
 
     def remove(self):
         for h in self.handles:
@@ -251,120 +268,6 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
             if nm in recorded:
                 recorded[nm] += 1
     return {nm for nm in edges if edges[nm] > recorded[nm]}
-
-
-def _sketch_check(entries, g_true: Mapping[str, torch.Tensor | None], cand, gen: torch.Generator) -> set[str]:
-    """Which parameters' gradients (by autograd, ``g_true``) equal the ones rebuilt from recorded layer calls.
-
-    ``entries``: (w_name, b_name, ws, bs, patches (n, L, d), cotangents (n, L, c)) per call, for one scalar
-    objective. The weight gradient of a call is ws sum_{i,p} g_ip a_ip^T; it is compared through a 3 x 3
-    Gaussian sketch U^T G W (to sqrt(eps) of ||G||_F), so the rebuilt side never forms a c x d matrix; a
-    mismatch survives the sketch with probability 1."""
-    sketch: dict[str, tuple] = {}
-    rebuilt: dict[str, torch.Tensor] = {}
-    for w_name, b_name, ws, bs, pa, gc in entries:
-        if w_name in g_true:
-            if w_name not in sketch:
-                sketch[w_name] = (torch.randn(gc.shape[2], 3, generator=gen, dtype=torch.float64).to(gc),
-                                  torch.randn(pa.shape[2], 3, generator=gen, dtype=torch.float64).to(pa))
-            u, w = sketch[w_name]
-            term = torch.einsum("ipk,ipl->kl", gc @ u, pa @ w) * ws
-            rebuilt[w_name] = rebuilt[w_name] + term if w_name in rebuilt else term
-        if b_name in g_true:
-            term = gc.sum((0, 1)) * bs
-            rebuilt[b_name] = rebuilt[b_name] + term if b_name in rebuilt else term
-    ok = set()
-    for name in cand:
-        true, mine = g_true.get(name), rebuilt.get(name)
-        if true is None:
-            if mine is None or float(mine.abs().max()) == 0.0:
-                ok.add(name)  # the parameter does not influence the output at all
-            continue
-        if name in sketch:
-            u, w = sketch[name]
-            scale = float(torch.linalg.vector_norm(true)) * 3.0
-            true = u.T @ true.reshape(u.shape[0], w.shape[0]) @ w
-        else:
-            scale = float(torch.linalg.vector_norm(true))
-            true = true.reshape(-1)
-        if mine is None or mine.shape != true.shape:
-            continue
-        if float((true - mine).abs().max()) <= torch.finfo(true.dtype).eps ** 0.5 * max(scale, 1e-30):
-            ok.add(name)
-    return ok
-
-
-def _verified_structured(fwd: "_Forward", params, probe: torch.Tensor, model: nn.Module) -> set[str]:
-    """The parameters whose NTK contribution the structured path assembles correctly for this model.
-
-    Structured derivatives rebuild a parameter's Jacobian from the inputs and output cotangents of the
-    recorded layer calls, which is right only if (i) every use of the parameter goes through those calls
-    (not ``x @ layer.weight`` elsewhere, nor ``F.linear(x, out_proj.weight)`` inside attention), and (ii) the
-    layer sees the batch along its first axis. Both are checked on a probe batch: a random cotangent on
-    sample 0 alone must reach only row 0 of each recorded layer output (the batch axis), and with a random
-    cotangent on all probe samples (which also catches uses that only some samples route through) the
-    gradient of each parameter by autograd must equal the one rebuilt from the recorded patches and
-    cotangents (to sqrt(eps), compared through a 3 x 3 Gaussian sketch U^T G W, so the rebuilt side never
-    forms a c x d matrix). Parameters that
-    fail go to the Jacobian method, so ``structured`` and ``auto`` stay exact for any model whose use of a
-    parameter does not depend on data outside the probe."""
-    rec = _Recorder(model, params)
-    cand = sorted(rec.covered)
-    if not cand:
-        rec.remove()
-        return set()
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    try:
-        with torch.enable_grad():
-            leaf = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            out = fwd(leaf, probe)
-            v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
-            nodes = [c[2] for c in rec.calls]
-            if not nodes:  # no structured layer ran through its own forward (e.g. attention's out_proj)
-                return set()
-            wrt = nodes + [leaf[c] for c in cand]
-            # sample 0's cotangent alone must reach only row 0 of every recorded layer output (batch on the
-            # first axis); nodes only, no parameter gradients needed for that
-            grads_one = torch.autograd.grad((out[0] * v[0]).sum(), nodes, retain_graph=True, allow_unused=True)
-            grads_all = torch.autograd.grad((out * v).sum(), wrt, allow_unused=True)
-    finally:
-        rec.remove()
-    n = probe.shape[0]
-    pid = {id(p): name for name, p in model.named_parameters()}
-    failed: set[str] = set()
-    patches = {}
-    for idx, (module, a, o) in enumerate(rec.calls):
-        w_name, b_name = _module_param_names(module, pid)
-        try:
-            if a.shape[0] != n or o.shape[0] != n:
-                raise ValueError("batch not along the first axis")
-            patches[idx] = _patches(module, a.detach())  # (n, L, d)
-        except (ValueError, RuntimeError, NotImplementedError):
-            failed.update(x for x in (w_name, b_name) if x is not None)
-
-    for idx, ((module, a, o), g) in enumerate(zip(rec.calls, grads_one)):
-        if g is None or idx not in patches or n < 2:
-            continue
-        if float(g[1:].abs().max()) > torch.finfo(g.dtype).eps * float(g.abs().max()):
-            failed.update(x for x in _module_param_names(module, pid) if x is not None)
-
-    g_nodes, g_true = grads_all[:len(nodes)], dict(zip(cand, grads_all[len(nodes):]))
-    entries = []
-    for idx, ((module, a, o), g) in enumerate(zip(rec.calls, g_nodes)):
-        if g is None or idx not in patches:
-            continue  # the output does not depend on this call, or the call failed the axis check
-        w_name, b_name = _module_param_names(module, pid)
-        try:
-            gc = _cotangent_positions(module, g.detach().unsqueeze(1))[:, 0]  # (n, L, c)
-        except (ValueError, RuntimeError):
-            gc = None
-        if gc is None or gc.shape[1] != patches[idx].shape[1]:
-            failed.update(x for x in (w_name, b_name) if x is not None)
-            continue
-        ws, bs = _weight_scales(module)
-        entries.append((w_name, b_name, ws, bs, patches[idx], gc))
-    failed |= _unrecorded_uses(out, leaf, rec.calls, cand, pid)
-    return _sketch_check(entries, g_true, cand, gen) - failed
 
 
 def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -433,19 +336,39 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
             break
         rec.remove()
     pid = {id(v_): name for name, v_ in model.named_parameters()}
-    # every use of each parameter in this block's own graph must be a recorded call (cheap edge count)
-    ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid)
+    n, k = out.shape
+    # every use of each parameter in this block's own graph must be a recorded call (cheap edge count), every
+    # call must see this batch along its first axis, and no call may be one the rule cannot describe
+    ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid) - rec.bad_names(pid)
+    for module, a, o in rec.calls:
+        if a.shape[0] != n or o.shape[0] != n:
+            ok -= set(_module_param_names(module, pid))
     try:
         with torch.enable_grad():
-            n, k = out.shape
             node_outs = [c[2] for c in rec.calls]
-            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=a < k - 1, allow_unused=True)
+            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True)
                      for a in range(k)] if node_outs else []
+            if node_outs and n > 1:
+                # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
+                # recorded output must be sum_a C[p, a] g_a[p] -- true when sample p's output depends on row p
+                # of the layer only; a permutation of the rows (sorting the batch, say) breaks it
+                gen = torch.Generator(device="cpu").manual_seed(4321)
+                c = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+                g_c = torch.autograd.grad((out * c).sum(), node_outs, allow_unused=True)
     finally:
         rec.remove()
     calls, uses = [], {}
     for idx, (module, a, o) in enumerate(rec.calls):
         g = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o) for b in range(k)], 1)
+        names_m = set(_module_param_names(module, pid))
+        if names_m & ok and n > 1:
+            want = torch.einsum("ia,ia...->i...", c, g)
+            got = g_c[idx] if g_c[idx] is not None else torch.zeros_like(o)
+            if float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * float(want.abs().max()) + 1e-300:
+                ok -= names_m
+        if not names_m & ok:
+            calls.append((None, None))
+            continue
         calls.append((_patches(module, a.detach()), _cotangent_positions(module, g.detach())))
         ws, bs = _weight_scales(module)
         w_name, b_name = _module_param_names(module, pid)
@@ -453,6 +376,7 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
             uses.setdefault(w_name, []).append((idx, True, ws))
         if b_name in ok:
             uses.setdefault(b_name, []).append((idx, False, bs))
+    uses = {name: u for name, u in uses.items() if name in ok}  # a tied parameter may fail at a later call
     return calls, uses, k, ok
 
 
@@ -508,7 +432,9 @@ def _pair_term(call1, call2, weight: bool, output: str, cache: dict, key) -> tor
 def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full", verified: set | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     if verified is None:
-        verified = _verified_structured(fwd, params, x1[:8], model)
+        rec = _Recorder(model, params)
+        verified = set(rec.covered)
+        rec.remove()
     covered = set(verified)
     if not covered:  # nothing the structured path can take: Jacobian contraction for everything
         return _ntk_jacobian(fwd, params, x1, x2, independent=True, output=output)
@@ -561,12 +487,17 @@ def _module_supported(m: nn.Module) -> bool:
     """Layers whose parameter Jacobian the structured path assembles from inputs and cotangents; the
     parameters of any other module (grouped or circular-padded convolutions, embeddings, attention, ...)
     go through the Jacobian method, restricted to them."""
+    # only the library's own forward, and no user hooks that could change its input or output: a subclass
+    # that overrides forward (LoRA terms, masks, clamps) or a hook computes something else than the rule assumes
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
     if isinstance(m, (nn.Linear, DenseModule)):
-        return True
+        return type(m).forward in (nn.Linear.forward, DenseModule.forward)
     if isinstance(m, nn.Conv2d):
-        return m.groups == 1
+        return m.groups == 1 and type(m).forward is nn.Conv2d.forward
     if isinstance(m, nn.Conv1d):
-        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                and type(m).forward is nn.Conv1d.forward)
     return False
 
 
@@ -671,7 +602,7 @@ def empirical_ntk(
         coupled_bn = _has_train_batchnorm(model)
         try:
             with torch.no_grad():
-                rec = _Recorder(model, chosen)
+                rec = _Recorder(model, chosen, clone_outputs=False, grad_only=False)
                 try:
                     probe = fwd(chosen, t1 if coupled_bn else t1[:1])
                 finally:
@@ -697,9 +628,10 @@ def empirical_ntk(
                              "one at a time (train-mode BatchNorm, batch normalisation, dropout, ...). Use "
                              "implementation='jacobian' (or 'auto'), or call model.eval() first.")
         verified = None
-        if impl == "structured":  # which parameters the structured path may take (the rest: Jacobian)
-            probe_x = t1[:8] if t1.shape[0] >= 2 or t2 is None else torch.cat([t1, t2[:7]])
-            verified = _verified_structured(fwd, chosen, probe_x, model)
+        if impl == "structured":  # the parameters of supported layers; each block checks them on its own graph
+            rec_s = _Recorder(model, chosen)
+            verified = set(rec_s.covered)
+            rec_s.remove()
         bs = batch_size
         if bs is None:
             bs = max(n1, n2)
@@ -748,7 +680,12 @@ def _layer_sizes(calls) -> tuple[int, int]:
     structured path), F = their forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
     width, flops = 0, 0
     for m, a, o in calls:
-        pa = _patches(m, a[:1])
+        if a.shape[0] == 0 or o.shape[0] == 0:
+            continue  # a layer that saw none of the probe's samples (routing)
+        try:
+            pa = _patches(m, a[:1])
+        except (RuntimeError, ValueError, NotImplementedError):
+            continue
         positions, d = pa.shape[1], pa.shape[2]
         c = o[0].numel() // max(positions, 1)
         width += int(o[0].numel() + pa.numel() + min(positions * positions * (d + c), d * c))

@@ -406,3 +406,102 @@ def test_structured_and_auto_stay_exact_when_the_probe_cannot_tell(case):
     for impl in ("auto", "structured"):
         got = empirical_ntk(model, x1, x2, output="full", implementation=impl, **kw)
         assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), impl
+
+
+class SortByNorm(nn.Module):
+    """Sort the batch, process, unsort: samples are independent, but a layer's row p is not sample p."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        o = x.norm(dim=1).argsort()
+        return self.out(torch.tanh(self.lin(x[o])))[o.argsort()]
+
+
+class Experts(nn.Module):
+    """Mixture of experts: each expert sees only the samples routed to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.e0, self.e1 = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        m = x[:, 0] > 0
+        out = torch.zeros(x.shape[0], 2, dtype=x.dtype)
+        out = out.index_put((m.nonzero()[:, 0],), self.e0(x[m]))
+        return out.index_put(((~m).nonzero()[:, 0],), self.e1(x[~m]))
+
+
+class NoGradCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.mid, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            c = self.lin(x).abs().mean(1, keepdim=True)
+        return self.out(torch.relu(self.mid(torch.relu(self.lin(x) / (1 + c)))))
+
+
+class KeywordInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(input=x)))
+
+
+class Clamped(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).clamp(-0.3, 0.3)
+
+
+class TupleLinear(nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return y, y.sum()
+
+
+class WithSubclasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.t, self.out = Clamped(4, 5), TupleLinear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.t(torch.tanh(self.c(x)))[0])
+
+
+@pytest.mark.parametrize("case", ["sort_by_norm", "experts", "no_grad_call", "keyword_input", "subclasses",
+                                  "user_hook"])
+def test_structured_and_auto_exact_on_models_that_break_its_assumptions(case):
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    if case == "sort_by_norm":
+        model, x = SortByNorm().double(), x[:, :3]
+        x[0] *= 1e-2  # sample 0 sorts first: a check on sample 0 alone would not notice
+    elif case == "experts":
+        model = Experts().double()
+        x[:8, 0] = x[:8, 0].abs() + 0.1  # the first rows all go to expert 0
+        x[8:, 0] = -x[8:, 0].abs() - 0.1
+    elif case == "no_grad_call":
+        model = NoGradCall().double()
+    elif case == "keyword_input":
+        model = KeywordInput().double()
+    elif case == "subclasses":
+        model = WithSubclasses().double()
+    else:
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+        model[0].register_forward_hook(lambda m, i, o: o * 2.0 + 1.0)
+    names = [k for k, v in model.named_parameters() if v.requires_grad]
+    x1, x2 = x[:11], x[11:]
+    ref = brute_force_ntk(model, x1, x2, names)
+    for impl in ("auto", "structured", "jacobian"):
+        got = empirical_ntk(model, x1, x2, output="full", implementation=impl)
+        assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), impl
+    got = empirical_ntk(model, x, output="full", implementation="structured", batch_size=4)
+    ref = brute_force_ntk(model, x, x, names)
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
