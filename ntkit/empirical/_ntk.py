@@ -211,8 +211,21 @@ class _Recorder:
                     self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
                     self.covered.update(n for n in own if n in names)
         self.bad: set[nn.Module] = set()  # modules with a call the rule cannot describe
+        self.geometry: dict[nn.Module, tuple | None] = {}
+        self.active = True
+
+    @staticmethod
+    def _geometry(module):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return (module.stride, module.padding, module.dilation, module.padding_mode, module.kernel_size)
+        return None
 
     def _hook(self, module, args, kwargs, output):
+        if not self.active:  # e.g. recomputation inside a backward pass (activation checkpointing)
+            self.bad.add(module)
+            return None
+        if self._geometry(module) != self.geometry.setdefault(module, self._geometry(module)):
+            self.bad.add(module)  # a shared convolution called with different stride/padding/dilation
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             self.bad.add(module)
@@ -226,7 +239,9 @@ class _Recorder:
         return None
 
     def bad_names(self, pid) -> set[str]:
-        return {nm for m in self.bad for nm in _module_param_names(m, pid) if nm is not None}
+        # geometry read again now: attributes changed after the last call also invalidate the patches
+        bad = self.bad | {m for m, geo in self.geometry.items() if self._geometry(m) != geo}
+        return {nm for m in bad for nm in _module_param_names(m, pid) if nm is not None}
 
     def remove(self):
         for h in self.handles:
@@ -239,17 +254,14 @@ def _module_param_names(module: nn.Module, pid: Mapping[int, str]) -> tuple[str 
     return w, b
 
 
-def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls, names, pid) -> set[str]:
-    """Parameters of ``names`` that the autograd graph of ``out`` uses more often than the recorded layer
-    calls do -- a use outside them (``x @ layer.weight``, attention's ``F.linear(x, out_proj.weight)``, a
-    ``torch.where`` that routes some samples around the layer). Counts the graph's edges into each
-    parameter's gradient accumulator: structural, exact, and cheap (one walk over the graph's nodes)."""
-    target = {id(leaf[nm]): nm for nm in names if nm in leaf}
+def _accumulator_edges(root, target: Mapping[int, str], stop=None) -> tuple[dict[str, int], set]:
+    """Edges from the autograd graph below ``root`` into the gradient accumulators of ``target`` (id of the
+    leaf tensor -> name), not descending below the node ``stop``; and the set of nodes visited."""
     edges = dict.fromkeys(target.values(), 0)
-    seen, stack = set(), [out.grad_fn] if out.grad_fn is not None else []
+    seen, stack = set(), [root] if root is not None else []
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node is stop:
             continue
         seen.add(node)
         for nxt, _ in node.next_functions:
@@ -262,12 +274,26 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
                     edges[nm] += 1
             elif nxt not in seen:
                 stack.append(nxt)
-    recorded = dict.fromkeys(edges, 0)
-    for module, _, _ in calls:
-        for nm in _module_param_names(module, pid):
-            if nm in recorded:
-                recorded[nm] += 1
-    return {nm for nm in edges if edges[nm] > recorded[nm]}
+    return edges, seen
+
+
+def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls, names, pid) -> set[str]:
+    """Parameters of ``names`` that the autograd graph of ``out`` uses anywhere but inside the recorded
+    layer calls that ``out`` depends on -- ``x @ layer.weight`` elsewhere, attention's
+    ``F.linear(x, out_proj.weight)``, a ``torch.where`` that routes some samples around the layer (while a
+    detached call of the same layer contributes nothing). Counts the edges into each parameter's gradient
+    accumulator in the whole graph and inside the reachable recorded calls (from the call's output node down
+    to its input's node): they must agree. Structural, exact, and cheap (walks over the graph's nodes)."""
+    target = {id(leaf[nm]): nm for nm in names if nm in leaf}
+    total, reachable = _accumulator_edges(out.grad_fn, target)
+    inside = dict.fromkeys(total, 0)
+    for _module, a, o in calls:
+        if o.grad_fn is None or o.grad_fn not in reachable:
+            continue  # a call the output does not depend on (detached, under no_grad, ...)
+        counts, _ = _accumulator_edges(o.grad_fn, target, stop=a.grad_fn)
+        for nm, c in counts.items():
+            inside[nm] += c
+    return {nm for nm in total if total[nm] != inside[nm]}
 
 
 def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -332,6 +358,7 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
         except BaseException:
             rec.remove()
             raise
+        rec.active = False
         if clone or all(o._version == ver for o, ver in zip((c[2] for c in rec.calls), rec.versions)):
             break
         rec.remove()
@@ -494,10 +521,11 @@ def _module_supported(m: nn.Module) -> bool:
     if isinstance(m, (nn.Linear, DenseModule)):
         return type(m).forward in (nn.Linear.forward, DenseModule.forward)
     if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and type(m).forward is nn.Conv2d.forward
+        return (m.groups == 1 and type(m).forward is nn.Conv2d.forward
+                and type(m)._conv_forward is nn.Conv2d._conv_forward)
     if isinstance(m, nn.Conv1d):
         return (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-                and type(m).forward is nn.Conv1d.forward)
+                and type(m).forward is nn.Conv1d.forward and type(m)._conv_forward is nn.Conv1d._conv_forward)
     return False
 
 

@@ -505,3 +505,64 @@ def test_structured_and_auto_exact_on_models_that_break_its_assumptions(case):
     got = empirical_ntk(model, x, output="full", implementation="structured", batch_size=4)
     ref = brute_force_ntk(model, x, x, names)
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+class DeadCall(nn.Module):
+    """A recorded call that the output never sees (detached) next to an unrecorded use of the same weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        target = self.l1(x).detach()
+        h = torch.tanh(torch.nn.functional.linear(x, self.l1.weight) + self.l1.bias)
+        return self.l2(h) + 0.1 * target[:, :2]
+
+
+class ScaledConv(nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, 2.0 * weight, bias)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.c, self.o = conv, nn.Linear(2 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.c(x.reshape(-1, 2, 4, 4))).flatten(1))
+
+
+class MultiDilation(nn.Module):
+    """One convolution shared across calls with different dilation (TridentNet style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.o = nn.Conv2d(2, 2, 3), nn.Linear(2 * 6 * 6, 2)
+
+    def forward(self, x):
+        h = x.reshape(-1, 2, 6, 6)
+        for d in (1, 2):
+            self.c.dilation, self.c.padding = (d, d), (d, d)
+            h = torch.tanh(self.c(h))
+        return self.o(h.flatten(1))
+
+
+@pytest.mark.parametrize("case", ["dead_call", "conv_forward_override", "multi_dilation"])
+def test_structured_exact_when_calls_are_dead_overridden_or_reconfigured(case):
+    torch.manual_seed(9)
+    g = torch.Generator().manual_seed(10)
+    if case == "dead_call":
+        model, d = DeadCall().double(), 4
+    elif case == "conv_forward_override":
+        model, d = ConvNet(ScaledConv(2, 2, 3, padding=1)).double(), 32
+    else:
+        model, d = MultiDilation().double(), 72
+    x = torch.randn(7, d, generator=g, dtype=torch.float64)
+    names = [k for k, v in model.named_parameters() if v.requires_grad]
+    for x1, x2, kw in ((x[:5], x[5:], {}), (x, None, {"batch_size": 3})):
+        ref = brute_force_ntk(model, x1, x1 if x2 is None else x2, names)
+        for impl in ("structured", "auto"):
+            got = empirical_ntk(model, x1, x2, output="full", implementation=impl, **kw)
+            assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), (impl, kw)
