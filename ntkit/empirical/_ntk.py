@@ -216,8 +216,11 @@ class _Recorder:
 
     @staticmethod
     def _geometry(module):
+        """What the structured rule reads from the module besides its parameters (checked to stay constant)."""
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             return (module.stride, module.padding, module.dilation, module.padding_mode, module.kernel_size)
+        if isinstance(module, DenseModule):
+            return (module.weight_scale, module.bias_scale)
         return None
 
     def _hook(self, module, args, kwargs, output):
@@ -512,14 +515,17 @@ def _has_train_batchnorm(model: nn.Module) -> bool:
 
 def _module_supported(m: nn.Module) -> bool:
     """Layers whose parameter Jacobian the structured path assembles from inputs and cotangents; the
-    parameters of any other module (grouped or circular-padded convolutions, embeddings, attention, ...)
-    go through the Jacobian method, restricted to them."""
+    parameters of any other module (grouped convolutions, Conv1d with padding modes or 'same', transposed
+    convolutions, embeddings, attention, ...) go through the Jacobian method, restricted to them."""
     # only the library's own forward, and no user hooks that could change its input or output: a subclass
     # that overrides forward (LoRA terms, masks, clamps) or a hook computes something else than the rule assumes
     if m._forward_hooks or m._forward_pre_hooks:
         return False
-    if isinstance(m, (nn.Linear, DenseModule)):
-        return type(m).forward in (nn.Linear.forward, DenseModule.forward)
+    if isinstance(m, DenseModule):  # its parameterization scales must be plain numbers
+        return (type(m).forward is DenseModule.forward and isinstance(m.weight_scale, (int, float))
+                and isinstance(m.bias_scale, (int, float)))
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
     if isinstance(m, nn.Conv2d):
         return (m.groups == 1 and type(m).forward is nn.Conv2d.forward
                 and type(m)._conv_forward is nn.Conv2d._conv_forward)
@@ -586,6 +592,9 @@ def empirical_ntk(
         Any module whose forward takes a batch (first dimension) and returns a tensor (n, ...);
         trailing output dimensions are flattened into k output units. The model is never modified
         (parameters, buffers, train/eval mode and requires_grad flags are left exactly as they were).
+        Parameters are substituted through ``torch.func.functional_call``: a tensor derived from a
+        parameter and cached as a plain attribute outside ``forward`` (e.g. ``self.wT = self.l.weight.T``
+        in ``__init__``) is not differentiated -- derive it inside ``forward``.
     x1, x2 : tensors (n1, ...) and (n2, ...); ``x2=None`` means ``x1`` (and exploits symmetry).
     output : {"trace", "full", "diagonal"}
         (n1, n2) mean over output units of Theta_aa; (n1, n2, k, k); or (n1, n2, k).

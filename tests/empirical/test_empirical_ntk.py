@@ -566,3 +566,40 @@ def test_structured_exact_when_calls_are_dead_overridden_or_reconfigured(case):
         for impl in ("structured", "auto"):
             got = empirical_ntk(model, x1, x2, output="full", implementation=impl, **kw)
             assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), (impl, kw)
+
+
+def test_structured_exact_when_a_dense_scale_changes_between_calls_or_is_a_tensor():
+    from ntkit.kernels.layers import DenseModule
+
+    net = ntkit.mlp(2, 8, activation="gelu", b_std=0.1, out_dim=3, fixed_layers=1,
+                    parameterization="standard").init(seed=1, in_features=6, dtype=torch.float64)
+    dense = [m for m in net.modules() if isinstance(m, DenseModule)][-1]
+
+    class Rescaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d, self.inp = dense, nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            self.d.weight_scale = 2.0
+            a = self.d(h)
+            self.d.weight_scale = 0.5
+            return a + self.d(h * 0.3)
+
+    g = torch.Generator().manual_seed(11)
+    x1, x2 = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    model = Rescaled().double()
+    names = [k for k, v in model.named_parameters() if v.requires_grad]
+    ref = brute_force_ntk(model, x1, x2, names)
+    for impl in ("structured", "auto"):
+        got = empirical_ntk(model, x1, x2, output="full", implementation=impl)
+        assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), impl
+    net2 = ntkit.mlp(1, 8, activation="relu", b_std=0.1, parameterization="standard").init(
+        seed=2, in_features=6, dtype=torch.float64)
+    d2 = [m for m in net2.modules() if isinstance(m, DenseModule)][0]
+    d2.weight_scale = nn.Parameter(torch.tensor(1.7, dtype=torch.float64))
+    names = [k for k, v in net2.named_parameters() if v.requires_grad]
+    ref = brute_force_ntk(net2, x1, x2, names)
+    got = empirical_ntk(net2, x1, x2, output="full")
+    assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
