@@ -6,7 +6,6 @@ Run from the repository root:  .venv/bin/python benchmarks/bench_spectra.py [--n
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch

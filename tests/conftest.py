@@ -79,3 +79,13 @@ def derivative(fn):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: multi-threaded LAPACK oversubscribes the shared 2-core machine under load
+    (eigvalsh of 800 x 800 took 12 s with 2 threads vs 0.07 s with 1); the numbers do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._linalg import symmetric_eigh
 from .._validation import resolve_dtype
 from ..kernels.base import KernelFunction
 
@@ -137,11 +136,6 @@ def regularize(k: torch.Tensor, diag_reg: float, absolute: bool) -> tuple[torch.
     if eps == 0:
         return k, 0.0
     return k + eps * torch.eye(n, dtype=k.dtype, device=k.device), eps
-
-
-def eigh(k: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition, ascending eigenvalues (see :func:`ntkit._linalg.symmetric_eigh`)."""
-    return symmetric_eigh(k, overwrite=overwrite)
 
 
 def times(t: Any, *, discrete: bool = False, dtype=torch.float64, device=None) -> tuple[torch.Tensor, bool]:

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._common import (check_rate, eigh, normalization_constant, regularize, resolve_kernel, square_kernel, targets,
+from .._linalg import symmetric_eigh
+from ._common import (check_rate, normalization_constant, regularize, resolve_kernel, square_kernel, targets,
                       times, to_tensor)
 
 __all__ = ["MSEPredictor", "Prediction", "EigenView", "gradient_descent_mse", "max_learning_rate"]
@@ -83,7 +84,7 @@ class MSEPredictor:
         self.c = self.learning_rate / self.m
         self.k_train_train = k
         kr, self.diag_reg = regularize(k, diag_reg, diag_reg_absolute_scale)
-        lam, vec = eigh(kr, overwrite=kr is not k)  # kr is our own copy when regularized
+        lam, vec = symmetric_eigh(kr, overwrite=kr is not k)  # kr is our own copy when regularized
         lam, vec = lam.flip(0), vec.flip(1)
         self.eigenvalues, self.eigenvectors = lam, vec
         lmax = float(lam.abs().max()) if self.n else 0.0

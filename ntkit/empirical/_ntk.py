@@ -39,9 +39,7 @@ per-output kernel in the infinite-width limit; ``"full"`` (n1, n2, k, k); ``"dia
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn

@@ -18,14 +18,7 @@ from scipy.special import roots_hermitenorm
 import ntkit
 from ntkit.spectra import critical_weight_variance, depth_profile, mean_field, phase_diagram
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # On the shared 2-core CI machine multi-threaded LAPACK oversubscribes (eigvalsh of 800 x 800: 12 s with 2
-    # threads under load vs 0.07 s with 1); the numbers do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- an independent mean-field implementation: numpy Gauss-Hermite, written here -------------------------

@@ -15,14 +15,7 @@ import ntkit
 from ntkit.spectra import (GammaExponential, Laplace, RBF, decay_exponent, harmonic_multiplicity, legendre_sphere,
                            mercer_eigenvalues)
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # On the shared 2-core CI machine multi-threaded LAPACK oversubscribes (eigvalsh of 800 x 800: 12 s with 2
-    # threads under load vs 0.07 s with 1); the numbers do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 

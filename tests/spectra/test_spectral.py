@@ -18,14 +18,7 @@ from ntkit.spectra import (check_kernel_matrix, condition_number, convergence_ti
 
 MNIST = Path(__file__).resolve().parents[1] / "data" / "mnist_small" / "mnist_t10k_first256.npz"
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # multi-threaded LAPACK oversubscribes the shared 2-core machine; results do not depend on it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _mnist(n):
