@@ -1,0 +1,121 @@
+"""Pieces shared by the reproductions: power-law fits with standard errors, full-batch training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["PowerLawFit", "fit_power_law", "train_full_batch"]
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``y ~ c * x**exponent`` fitted by least squares on log-log axes.
+
+    ``stderr`` is the standard error of the exponent (from the residuals, or from the given
+    per-point errors of y); ``predict(x)`` evaluates the fitted line.
+    """
+
+    exponent: float
+    stderr: float
+    prefactor: float
+    n_points: int
+
+    def predict(self, x) -> np.ndarray:
+        return self.prefactor * np.asarray(x, dtype=float) ** self.exponent
+
+    def interval(self, k: float = 2.0) -> tuple[float, float]:
+        """``exponent +- k * stderr``."""
+        return self.exponent - k * self.stderr, self.exponent + k * self.stderr
+
+
+def fit_power_law(x: Sequence[float], y: Sequence[float], y_err: Sequence[float] | None = None) -> PowerLawFit:
+    """Fit ``log y = a + b log x``; weighted by ``1 / (y_err / y)^2`` when ``y_err`` is given.
+
+    With ``y_err`` the standard error of b comes from the propagated errors (delta method,
+    sd(log y) ~ y_err / y); without, from the residual scatter (needs >= 3 points).
+    """
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    n = lx.size
+    if n < 2 or not (np.all(np.isfinite(lx)) and np.all(np.isfinite(ly))):
+        raise ValueError(f"a power-law fit needs >= 2 positive finite points, got x={list(x)}, y={list(y)}")
+    if y_err is not None:
+        s = np.asarray(y_err, float) / np.asarray(y, float)
+        w = 1.0 / np.maximum(s, 1e-300) ** 2
+    else:
+        w = np.ones(n)
+    a_mat = np.stack([np.ones(n), lx], axis=1)
+    wa = a_mat * w[:, None]
+    cov = np.linalg.inv(a_mat.T @ wa)
+    coef = cov @ (wa.T @ ly)
+    if y_err is None:
+        if n < 3:
+            se = float("nan")
+        else:
+            resid = ly - a_mat @ coef
+            se = math.sqrt(float(resid @ resid) / (n - 2) * cov[1, 1])
+    else:
+        se = math.sqrt(cov[1, 1])
+    return PowerLawFit(float(coef[1]), se, float(math.exp(coef[0])), n)
+
+
+def train_full_batch(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    learning_rate: float,
+    steps: int,
+    loss: str | Callable = "mse",
+    record: Sequence[int] = (),
+    x_eval: torch.Tensor | None = None,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
+) -> dict:
+    """Full-batch gradient descent (plain SGD on the whole set), in place on ``model``.
+
+    The MSE loss is ``0.5 * mean((f - y)^2)`` over all entries (``1/m`` normalisation of ntkit's
+    dynamics, with the 1/2 of Jacot et al.), so GD with learning rate eta matches
+    ``ntkit.dynamics.gradient_descent_mse(k, y, learning_rate=eta)`` at t = steps * eta.
+
+    Returns ``{"steps": [...], "loss": [...], "f_train": [...], "f_eval": [...]}`` at the ``record``
+    steps (0 = before training). ``callback(step, model)`` runs at every recorded step.
+    """
+    if isinstance(loss, str):
+        if loss != "mse":
+            raise ValueError(f"loss must be 'mse' or a callable, got {loss!r}")
+
+        def loss_fn(f, t):
+            return 0.5 * ((f - t) ** 2).mean()
+    else:
+        loss_fn = loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=learning_rate)
+    record = sorted(set(int(s) for s in record))
+    out: dict = {"steps": [], "loss": [], "f_train": [], "f_eval": []}
+
+    def _record(step):
+        with torch.no_grad():
+            f = model(x)
+            out["steps"].append(step)
+            out["loss"].append(float(loss_fn(f, y)))
+            out["f_train"].append(f.detach().clone())
+            if x_eval is not None:
+                out["f_eval"].append(model(x_eval).detach().clone())
+        if callback is not None:
+            callback(step, model)
+
+    nxt = 0
+    for step in range(steps + 1):
+        if nxt < len(record) and record[nxt] == step:
+            _record(step)
+            nxt += 1
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return out
