@@ -86,3 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.name}: {n_ok}/{len(rep.claims)} claims hold")
     print(f"{a.out}/report.html")
     return 0 if rep.all_claims_hold else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
