@@ -313,6 +313,10 @@ class FanInSum(Layer):
         widths = {k.width for k in ks if k.width is not None}
         if len(widths) > 1:
             raise ConfigError(f"fanin_sum adds branches of different widths {sorted(widths)}; they must match")
+        layouts = {(k.shape, k.pixel_pairs) for k in ks}
+        if len(layouts) > 1:
+            raise ConfigError(f"fanin_sum adds branches of different spatial shapes {sorted(s for s, _ in layouts)}; "
+                              "they must match (SAME padding and stride 1 inside a residual branch)")
         loose = [i for i, k in enumerate(ks) if k.deps or not k.fresh]
         if len(loose) > 1:
             i, j = loose[:2]
@@ -321,14 +325,10 @@ class FanInSum(Layer):
             raise ConfigError(
                 f"fanin_sum adds branches {i} and {j}, which are {why}, so the kernel of their sum has "
                 "cross terms E[f_i(x) f_j(x')] that do not vanish (correlation, or non-zero means as after "
-                "a ReLU) and that ntkit does not compute. End every branch but one with a Dense layer, as in "
+                "a ReLU) and that ntkit does not compute. End every branch but one with a Dense (or Conv) layer, as in "
                 "the usual residual block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
         ntks = [k.ntk for k in ks]
         ntk = None if any(t is None for t in ntks) else sum(ntks[1:], ntks[0])
-        layouts = {(k.shape, k.pixel_pairs) for k in ks}
-        if len(layouts) > 1:
-            raise ConfigError(f"fanin_sum adds branches of different spatial shapes {sorted(s for s, _ in layouts)}; "
-                              "they must match (SAME padding and stride 1 inside a residual branch)")
         return ks[0].replace(
             nngp=sum((k.nngp for k in ks[1:]), ks[0].nngp),
             ntk=ntk,
