@@ -110,7 +110,8 @@ def monte_carlo_kernel(architecture, x1: Any, x2: Any = None, *, width: int | Se
     d = int(math.prod(x1t.shape[1:]))
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for s in seed_list:
-        net = architecture.init(width, seed=s, init=init, in_features=d, out_dim=out_dim, dtype=dtype)
+        net = architecture.init(width, seed=s, init=init, out_dim=out_dim, dtype=dtype,
+                                in_features=tuple(x1t.shape[1:]) if x1t.ndim > 2 else d)
         if "nngp" in names:
             samples["nngp"].append(empirical_nngp(net, x1t, x2t))
         if "ntk" in names:

@@ -5,7 +5,10 @@ from .activations import (ABRelu, Abs, Activation, Cos, Elementwise, Erf, Exp, G
 from .architecture import Architecture, FiniteNetwork, mlp, residual, serial
 from .base import KernelFunction
 from .config import from_config, layer_from_config
+from .conv import Conv, ConvModule
 from .layers import Dense, DenseModule, FanInSum, FanOut, Identity, Layer, Parallel, Serial
+from .normalization import LayerNorm
+from .pooling import AvgPool, Flatten, GlobalAvgPool
 
 __all__ = [
     "ABRelu", "Abs", "Activation", "Cos", "Elementwise", "Erf", "Exp", "Gaussian", "Gelu", "LeakyRelu",
@@ -13,4 +16,5 @@ __all__ = [
     "Architecture", "FiniteNetwork", "mlp", "residual", "serial",
     "KernelFunction", "from_config", "layer_from_config",
     "Dense", "DenseModule", "FanInSum", "FanOut", "Identity", "Layer", "Parallel", "Serial",
+    "Conv", "ConvModule", "AvgPool", "GlobalAvgPool", "Flatten", "LayerNorm",
 ]

@@ -7,26 +7,45 @@ from typing import Union
 
 import torch
 
-__all__ = ["KernelState", "State"]
+__all__ = ["KernelState", "State", "to_diagonal", "drop_pixel_pairs", "input_state"]
 
 
 @dataclass(frozen=True)
 class KernelState:
     """Kernels of the current activations for a block of input pairs.
 
+    Layout. The leading axes of every tensor are the *batch* axes: ``(b1, b2)`` in matrix mode (rows of
+    x1 against rows of x2) or ``(b,)`` in pairwise mode (row i of x1 with row i of x2). Flat activations
+    (``shape == ()``) have nothing after them, so the fully-connected path carries plain matrices. Spatial
+    activations (images ``(H, W)``, 1-D signals ``(L,)``) append one of two layouts:
+
+    * ``pixel_pairs=True``: covariances of every pair of positions (p, p'), all axes of p, then all axes
+      of p' -- ``(b1, b2, H, W, H', W')`` for images, a (P x P') matrix per pair of inputs (P = H W), so
+      the innermost loops run over whole images. Needed below average pooling and global average
+      pooling, which mix different positions.
+    * ``pixel_pairs=False``: only the same-position diagonal Sigma(p, p), ``(b1, b2, H, W)``: enough for
+      convolutions, pointwise layers and a Flatten readout (Arora et al. 2019, Sec. 4; Novak et al.
+      2019, Sec. 3), and H W times smaller.
+
+    The architecture decides the layout from the whole network before computing (see
+    :meth:`ntkit.Architecture.kernel`, ``pixel_pairs=``).
+
     Attributes
     ----------
     nngp : Tensor
-        Sigma(x, x') for the block: shape ``(b1, b2)`` (matrix mode) or ``(b,)`` (pairwise / diagonal
-        mode, pairing row i of x1 with row i of x2).
+        Sigma(x, x') for the block, in the layout above.
     ntk : Tensor, float or None
         Theta(x, x') with the same shape as ``nngp``; ``0.0`` before any trainable layer; ``None``
         when the NTK is not requested (saves the work).
     var1, var2 : Tensor
-        Sigma(x, x) for the rows of x1 and Sigma(x', x') for the rows of x2, shaped to broadcast
-        against ``nngp``: ``(b1, 1)`` and ``(1, b2)`` in matrix mode, ``(b,)`` in pairwise mode.
+        The kernels of each x1 row (resp. x2 row) with itself, shaped to broadcast against ``nngp``:
+        batch axes ``(b1, 1)`` resp. ``(1, b2)`` in matrix mode, ``(b,)`` in pairwise mode, followed by
+        the same spatial layout as ``nngp`` -- so for ``pixel_pairs=True`` they hold each sample's own
+        position-pair covariance (which global average pooling needs), and the per-position variances
+        q(p) are their diagonals (:meth:`marginals`). For flat and diagonal states they *are* the
+        per-position variances.
     width : int or None
-        Number of features of the current activations in the finite network (needed by the
+        Number of features (channels for spatial activations) in the finite network (needed by the
         standard parameterization, whose NTK depends on the finite widths); None if unknown.
     gaussian : bool
         Whether the current activations are Gaussian pre-activations (the output of an affine
@@ -40,6 +59,10 @@ class KernelState:
         empty ``deps`` -- then all cross terms E[f_i(x) f_j(x')] vanish; otherwise (x + relu(x), or
         two branches ending in ReLU, whose means do not vanish) the kernel of the sum needs cross
         terms, and it refuses rather than guess.
+    shape : tuple of int
+        Spatial sizes of the activations, ``()`` for flat features.
+    pixel_pairs : bool
+        Which spatial layout ``nngp`` has (see above); False for flat states.
     """
 
     nngp: torch.Tensor
@@ -50,9 +73,122 @@ class KernelState:
     gaussian: bool
     deps: frozenset = frozenset()
     fresh: bool = False
+    shape: tuple = ()
+    pixel_pairs: bool = False
 
     def replace(self, **changes) -> "KernelState":
         return replace(self, **changes)
 
+    # -- layout helpers -------------------------------------------------------------------------------
+    @property
+    def spatial_ndim(self) -> int:
+        """Number of trailing spatial axes of ``nngp`` (0 for flat states)."""
+        return len(self.shape) * (2 if self.pixel_pairs else 1)
+
+    @property
+    def batch_ndim(self) -> int:
+        """Number of leading batch axes: 2 in matrix mode, 1 in pairwise mode."""
+        return self.nngp.ndim - self.spatial_ndim
+
+    def spatial_axes(self, d: int) -> tuple[int, ...]:
+        """Axes of spatial dimension ``d``: ``(p, p')`` with pixel pairs, ``(p,)`` without."""
+        nb, nd = self.batch_ndim, len(self.shape)
+        return (nb + d, nb + nd + d) if self.pixel_pairs else (nb + d,)
+
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position variances (q1(p), q2(p')) of the two inputs, shaped to broadcast against ``nngp``.
+
+        These are what a pointwise layer (activation, layer normalisation) needs: for pixel pairs the
+        diagonals of ``var1`` on the p axes and of ``var2`` on the p' axes, otherwise ``var1``, ``var2``.
+        """
+        if not self.pixel_pairs:
+            return self.var1, self.var2
+        return _expand_diagonal(self.var1, self, first=True), _expand_diagonal(self.var2, self, first=False)
+
+    def self_marginals(self, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q(p), q(p')) of one input, shaped to broadcast against its own pixel-pair kernel ``var``."""
+        return _expand_diagonal(var, self, first=True), _expand_diagonal(var, self, first=False)
+
+
+def to_diagonal(t, k: KernelState):
+    """The same-position diagonal ``(..., H, W)`` of a pixel-pair tensor ``(..., H, W, H', W')`` (a view)."""
+    if not isinstance(t, torch.Tensor) or not k.pixel_pairs:
+        return t
+    nb, nd = k.batch_ndim, len(k.shape)
+    for m in range(nd, 0, -1):  # each call moves one diagonal to the end, so the order (H, W) is kept
+        t = torch.diagonal(t, dim1=nb, dim2=nb + m)
+    return t
+
+
+def _expand_diagonal(var: torch.Tensor, k: KernelState, first: bool) -> torch.Tensor:
+    d = to_diagonal(var, k)  # (..., H, W) -> (..., H, W, 1, 1) (positions p) or (..., 1, 1, H, W) (p')
+    for _ in k.shape:
+        d = d.unsqueeze(-1) if first else d.unsqueeze(k.batch_ndim)
+    return d
+
 
 State = Union[KernelState, tuple]
+
+
+def drop_pixel_pairs(k):
+    """The same state with only the same-position diagonal kept (pixel pairs -> diagonal layout)."""
+    if isinstance(k, tuple):
+        return tuple(drop_pixel_pairs(b) for b in k)
+    if not k.pixel_pairs:
+        return k
+    return k.replace(nngp=to_diagonal(k.nngp, k), ntk=to_diagonal(k.ntk, k), var1=to_diagonal(k.var1, k),
+                     var2=to_diagonal(k.var2, k), pixel_pairs=False)
+
+
+_LETTERS = "hwlHWL"
+
+
+def input_state(a: torch.Tensor, b: torch.Tensor | None, *, pairwise: bool, pixel_pairs: bool, need_ntk: bool,
+                width: int) -> KernelState:
+    """The kernel state of the raw inputs for one tile: Sigma0(x, x') = x . x' / d (flat, ``a`` of shape
+    ``(b1, d)``) or Sigma0(x, x'; p, p') = sum_c x_c(p) x'_c(p') / C (spatial, ``a`` of shape
+    ``(b1, *size, C)``, channels last), Theta0 = 0.
+
+    ``a`` and ``b`` are already scaled by 1 / sqrt(d) resp. 1 / sqrt(C); ``b=None`` means the tile pairs
+    ``a`` with itself (then Sigma(x, x) on the diagonal equals the variance exactly). ``pairwise`` pairs
+    row i of ``a`` with row i of ``b`` (batch axes ``(b,)``) instead of all rows with all rows.
+    """
+    same = b is None
+    b = a if same else b
+    nd = a.ndim - 2
+    ntk = 0.0 if need_ntk else None
+    if nd == 0:
+        if pairwise:
+            var1 = (a * a).sum(1)
+            var2 = var1 if same else (b * b).sum(1)
+            nngp = var1 if same else (a * b).sum(1)
+            return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=width, gaussian=False)
+        var1 = (a * a).sum(1)
+        var2 = var1 if same else (b * b).sum(1)
+        g = a @ b.T
+        if same:
+            g.diagonal().copy_(var1)
+        return KernelState(nngp=g, ntk=ntk, var1=var1[:, None], var2=var2[None, :], width=width, gaussian=False)
+    p, q = _LETTERS[:nd], _LETTERS[3:3 + nd]
+    if pixel_pairs:
+        pair = p + q
+        self_ = f"i{p}c,i{q}c->i{pair}"
+        var1 = torch.einsum(self_, a, a)
+        var2 = var1 if same else torch.einsum(self_, b, b)
+        if pairwise:
+            nngp = var1 if same else torch.einsum(self_, a, b)
+        else:
+            nngp = torch.einsum(f"i{p}c,j{q}c->ij{pair}", a, b)
+    else:
+        var1 = (a * a).sum(-1)
+        var2 = var1 if same else (b * b).sum(-1)
+        if pairwise:
+            nngp = var1 if same else (a * b).sum(-1)
+        else:
+            nngp = torch.einsum(f"i{p}c,j{p}c->ij{p}", a, b)
+    if not pairwise:
+        if same:  # identical points: Sigma(x, x) is exactly the variance
+            torch.diagonal(nngp, 0, 0, 1).copy_(var1.movedim(0, -1))
+        var1, var2 = var1.unsqueeze(1), var2.unsqueeze(0)
+    return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=width, gaussian=False,
+                       shape=tuple(a.shape[1:-1]), pixel_pairs=pixel_pairs)

@@ -101,10 +101,15 @@ class Activation(Layer):
                 f"activation {self.layer_name!r} must act on Gaussian pre-activations: put a Dense layer "
                 "(or a residual sum of Dense outputs) before it, not the raw input or another activation."
             )
-        nngp, dot = self.dual(k.nngp, k.var1, k.var2, derivative=k.ntk is not None)
+        q1, q2 = k.marginals()  # per-position variances: pointwise on images too
+        nngp, dot = self.dual(k.nngp, q1, q2, derivative=k.ntk is not None)
         ntk = None if k.ntk is None else k.ntk * dot
-        return KernelState(nngp=nngp, ntk=ntk, var1=self.variance(k.var1), var2=self.variance(k.var2),
-                           width=k.width, gaussian=False, deps=k.deps)
+        if k.pixel_pairs:  # each sample's own position-pair covariance goes through the same dual
+            var1 = self.dual(k.var1, *k.self_marginals(k.var1), derivative=False)[0]
+            var2 = self.dual(k.var2, *k.self_marginals(k.var2), derivative=False)[0]
+        else:
+            var1, var2 = self.variance(k.var1), self.variance(k.var2)
+        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, gaussian=False, fresh=False)
 
     def build_module(self, in_features, ctx):
         return _ActivationModule(self), in_features

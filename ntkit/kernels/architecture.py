@@ -10,12 +10,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+import numpy as np
+
+from .._progress import progress
 from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
-from ._state import KernelState
+from ._state import KernelState, drop_pixel_pairs, input_state
 from .base import KernelFunction
+from .conv import Conv
 from .layers import (PARAMETERIZATIONS, BuildContext, Dense, FanInSum, FanOut, Identity, KernelContext, Layer,
-                     Parallel, Serial)
+                     Parallel, Serial, SpatialShape)
+from .pooling import AvgPool, Flatten, GlobalAvgPool
 
 __all__ = ["Architecture", "serial", "residual", "mlp", "FiniteNetwork", "KERNEL_NAMES"]
 
@@ -24,6 +29,22 @@ INITS = ("gaussian", "orthogonal")
 # Number of tile-sized float buffers alive at once while a layer stack runs on a tile (measured
 # upper bound for the arc-cosine family and the residual combinators, with a margin).
 _LIVE_TILES = 12
+
+
+# image / signal layouts: name -> channels first?
+_LAYOUTS = {"NHWC": False, "NCHW": True, "NLC": False, "NCL": True}
+
+
+def _walk(layer: Layer):
+    """The layers of a description in traversal order (inside serial lists and parallel branches)."""
+    if isinstance(layer, Serial):
+        for lay in layer.layers:
+            yield from _walk(lay)
+    elif isinstance(layer, Parallel):
+        for b in layer.branches:
+            yield from _walk(b)
+    else:
+        yield layer
 
 
 @lru_cache(maxsize=None)
@@ -52,18 +73,23 @@ def _parse_get(get) -> tuple[tuple[str, ...], bool]:
 class FiniteNetwork(nn.Module):
     """The finite network of an :class:`Architecture` (returned by :meth:`Architecture.init`).
 
-    ``forward(x)`` takes a batch ``(n, ...)`` (trailing dimensions are flattened into features)
-    and returns ``(n, out_dim)``.
+    ``forward(x)`` takes a batch and returns ``(n, out_dim)``: ``(n, ...)`` for fully-connected
+    architectures (trailing dimensions are flattened into features), images ``(n, H, W, C)`` (or
+    ``(n, C, H, W)`` when built with ``layout="NCHW"``) or signals ``(n, L, C)`` for convolutional ones.
     """
 
-    def __init__(self, body: nn.Module, architecture: "Architecture", in_features: int, out_features: int):
+    def __init__(self, body: nn.Module, architecture: "Architecture", in_features, out_features: int,
+                 layout: str = "NHWC"):
         super().__init__()
         self.body = body
-        self.in_features = in_features
+        self.in_features = in_features  # int, or the per-sample shape (*size, C) of spatial inputs
         self.out_features = out_features
+        self.layout = layout
         object.__setattr__(self, "architecture", architecture)  # plain attribute, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.in_features, tuple):
+            return self.body(self._images(x))
         if x.ndim < 2:
             raise ValueError(f"expected a batch (n, {self.in_features}), got shape {tuple(x.shape)}; "
                              "reshape a single sample with x.reshape(1, -1)")
@@ -71,6 +97,31 @@ class FiniteNetwork(nn.Module):
         if x.shape[1] != self.in_features:
             raise ValueError(f"the network expects {self.in_features} input features, got {x.shape[1]}")
         return self.body(x)
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        """Check a batch of images / signals and move channels to axis 1 (torch's convolution layout)."""
+        *size, c = self.in_features
+        first = _LAYOUTS[self.layout]
+        names = ("H", "W") if len(size) == 2 else ("L",)
+        want = (f"(n, C={c}, " if first else "(n, ") + ", ".join(f"{a}={v}" for a, v in zip(names, size)) + \
+            ("" if first else f", C={c}") + ")"
+        if x.ndim != len(size) + 2:
+            raise ValueError(f"the network expects a batch of {'images' if len(size) == 2 else 'signals'} {want} "
+                             f"({self.layout}), got shape {tuple(x.shape)}")
+        got_c = x.shape[1] if first else x.shape[-1]
+        got_size = tuple(x.shape[2:] if first else x.shape[1:-1])
+        if got_c != c:
+            other = x.shape[-1] if first else x.shape[1]
+            hint = ""
+            if other == c:
+                hint = f"; the input looks {'channels-last' if first else 'channels-first'}: build the network " \
+                       f"with layout={'NHWC' if first else 'NCHW'!r}"
+            raise ValueError(f"the network expects {c} input channels ({self.layout} {want}), got {got_c} in "
+                             f"shape {tuple(x.shape)}{hint}")
+        if got_size != tuple(size):
+            raise ValueError(f"the network was built for spatial size {tuple(size)}, got {got_size} in shape "
+                             f"{tuple(x.shape)}")
+        return x if first else x.movedim(-1, 1)
 
 
 class Architecture:
@@ -162,12 +213,12 @@ class Architecture:
             raise ConfigError(f"out_dim must be a positive integer, got {out_dim!r}")
         counter = iter(range(len(dense)))
 
-        def replace(d: Dense) -> Dense:
+        def replace(d):
             i = next(counter)
             new = out_dim if i == n_hidden else widths[i]
             if new is None:
                 return d
-            return Dense(new, d.W_std, d.b_std, d.trainable)
+            return d.with_out_dim(new)
 
         return Architecture(self.body.map_dense(replace).layers, self.parameterization, self.input_dim)
 
@@ -184,31 +235,51 @@ class Architecture:
         memory_budget: float | None = None,
         block_size: int | None = None,
         width: int | Sequence[int] | None = None,
+        layout: str = "NHWC",
+        pixel_pairs: bool | None = None,
+        progress: bool = False,
     ):
         """Exact infinite-width NNGP and/or NTK between the rows of ``x1`` and ``x2``.
 
-        Computes Sigma (NNGP, Lee et al. 2018) and Theta (NTK, Jacot et al. 2018, Thm. 1) by the
-        layer recursion, blockwise over pairs of input rows under a memory budget; for ``x2=None``
-        only the upper triangle of blocks is computed and mirrored, so the result is exactly symmetric.
+        Computes Sigma (NNGP, Lee et al. 2018; Novak et al. 2019 for convolutions) and Theta (NTK, Jacot
+        et al. 2018, Thm. 1; Arora et al. 2019 for the CNTK) by the layer recursion, blockwise over pairs
+        of input rows under a memory budget; for ``x2=None`` only the upper triangle of blocks is computed
+        and mirrored, so the result is exactly symmetric.
 
         Parameters
         ----------
-        x1, x2 : array_like, shape (n1, d) and (n2, d)
-            Inputs, batch first (numpy or torch; trailing dimensions are flattened). ``x2=None``
-            means ``x1``.
+        x1, x2 : array_like
+            Inputs, batch first (numpy or torch). Fully-connected architectures take ``(n, d)`` (trailing
+            dimensions are flattened); architectures that start with a 2-D conv / pooling take images
+            ``(n, H, W, C)`` (NHWC, like neural-tangents) and 1-D convs signals ``(n, L, C)``.
+            ``x2=None`` means ``x1``.
         get : "nngp", "ntk" or a tuple of them
             A name returns a tensor; a tuple returns a namedtuple with those fields.
         diagonal : bool
             Return only k(x1_i, x1_i) (or k(x1_i, x2_i) pairwise when ``x2`` is given), shape
-            ``(n1,)``, at O(n d) cost.
+            ``(n1,)``, at O(n) cost.
         dtype : torch dtype, default float64
         device : torch device, default: that of ``x1`` (CPU for numpy)
         memory_budget : float, optional
-            Bytes that outputs plus temporaries may use (default 90% of available memory).
+            Bytes that outputs plus temporaries may use (default 90% of available memory). Tiles are
+            sized from the per-pair state: 1 number (flat), H W (same-position diagonal) or (H W)^2
+            (pixel pairs) per pair of inputs.
         block_size : int, optional
             Tile edge (rows and columns of input pairs per block); chosen from the budget if None.
         width : int or sequence, optional
-            Hidden widths (see :meth:`with_width`); matters only in the standard parameterization.
+            Hidden widths / channels (see :meth:`with_width`); matters only in the standard
+            parameterization.
+        layout : {"NHWC", "NCHW"}
+            Axis order of image inputs: channels last (default) or channels first, as torch's
+            ``nn.Conv2d`` takes them (``"NCL"``/``"NLC"`` are accepted for 1-D signals).
+        pixel_pairs : bool, optional
+            Expert override of the spatial layout (see :class:`~ntkit.kernels._state.KernelState`).
+            None (default) decides from the architecture: covariances of all position pairs up to the
+            last (global) average pooling layer, only the same-position diagonal after it (which is all
+            convolutions, pointwise layers and Flatten need). True keeps pixel pairs throughout (same
+            numbers, more work); False refuses architectures with pooling.
+        progress : bool
+            Draw a progress bar over the tiles (only on a terminal).
 
         Returns
         -------
@@ -217,7 +288,8 @@ class Architecture:
         names, single = _parse_get(get)
         if width is not None:
             return self.with_width(width).kernel(x1, x2, get, diagonal=diagonal, dtype=dtype, device=device,
-                                                 memory_budget=memory_budget, block_size=block_size)
+                                                 memory_budget=memory_budget, block_size=block_size,
+                                                 layout=layout, pixel_pairs=pixel_pairs, progress=progress)
         dt = resolve_dtype(dtype)
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
             raise NotImplementedError(
@@ -226,14 +298,15 @@ class Architecture:
                 "correlation +-1). Pass x.detach(), or call it under torch.no_grad(); for gradients of a "
                 "kernel with respect to data use the empirical NTK of a wide finite network.")
         t1, t2 = check_pair(x1, x2, dtype=dt, device=device)
-        self._check_features(t1)
+        t1, t2 = self.prepare_inputs(t1, t2, layout)
+        switch = self._pixel_pair_plan(pixel_pairs, spatial=t1.ndim > 2)
         if diagonal:
             if t2 is not None and t2.shape[0] != t1.shape[0]:
                 raise ValueError(f"diagonal=True pairs row i of x1 with row i of x2, but x1 has {t1.shape[0]} "
                                  f"rows and x2 has {t2.shape[0]}")
-            result = self._diagonal(t1, t2, names)
+            result = self._diagonal(t1, t2, names, switch, memory_budget, progress)
         else:
-            result = self._matrix(t1, t2, names, memory_budget, block_size)
+            result = self._matrix(t1, t2, names, memory_budget, block_size, switch, progress)
         if single:
             return result[names[0]]
         return _kernels_tuple(names)(**result)
@@ -245,51 +318,141 @@ class Architecture:
             raise ValueError("kernel_fn gives one kernel; pass get='nngp' or get='ntk'")
         return _ArchitectureKernel(self, names[0])
 
+    # -- inputs -----------------------------------------------------------------------------------
+    def spatial_ndim(self) -> int | None:
+        """Spatial dimensions the inputs must have: 0 (flat features), 1 (signals), 2 (images), or None
+        when only the data can tell (the first spatial layer is a Flatten or GlobalAvgPool)."""
+        for lay in _walk(self.body):
+            if isinstance(lay, Dense):
+                return 0
+            if isinstance(lay, Conv):
+                return len(lay.filter_shape)
+            if isinstance(lay, AvgPool):
+                return len(lay.window_shape)
+            if isinstance(lay, (GlobalAvgPool, Flatten)):
+                return None
+        return 0
+
+    def prepare_inputs(self, t1: torch.Tensor, t2: torch.Tensor | None, layout: str = "NHWC"):
+        """Bring validated input tensors into the layout the kernel recursion takes: ``(n, d)`` for flat
+        architectures, channels-last ``(n, *size, C)`` for spatial ones. Raises a ValueError that names
+        the expected shape when the inputs cannot be taken."""
+        nd = self.spatial_ndim()
+        if nd == 0:
+            self._check_features(t1)
+            flat = [None if t is None else t.reshape(t.shape[0], -1) for t in (t1, t2)]
+            return flat[0], flat[1]
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
+        want = {1: "signals (n, L, C)", 2: "images (n, H, W, C)"}
+        if (nd is None and t1.ndim < 3) or (nd is not None and t1.ndim != nd + 2):
+            what = want.get(nd, "spatial inputs (n, H, W, C) or (n, L, C)")
+            raise ValueError(f"this architecture ({self._first_spatial_name()}) takes {what}, got x1 of shape "
+                             f"{tuple(t1.shape)}; reshape flat data to images first")
+        if _LAYOUTS[layout]:  # channels first -> channels last
+            t1 = t1.movedim(1, -1)
+            t2 = None if t2 is None else t2.movedim(1, -1)
+        return t1, t2
+
+    def _first_spatial_name(self) -> str:
+        for lay in _walk(self.body):
+            if isinstance(lay, Conv):
+                return f"first layer conv with filter_shape {lay.filter_shape}"
+            if isinstance(lay, (AvgPool, GlobalAvgPool, Flatten)):
+                return f"first spatial layer {lay.layer_name}"
+        return "spatial"
+
     def _check_features(self, t: torch.Tensor) -> None:
         d = int(math.prod(t.shape[1:]))
         if self.input_dim is not None and d != self.input_dim:
             raise ValueError(f"x1 has {d} features, the architecture expects input_dim={self.input_dim}")
 
-    def _run(self, state: KernelState) -> KernelState:
-        out = self.body.apply_kernel(state, KernelContext(self.parameterization))
-        if isinstance(out, tuple):
-            raise ConfigError("the architecture ends with unmerged branches; close them with fanin_sum")
-        return out
+    def _pixel_pair_plan(self, pixel_pairs: bool | None, spatial: bool) -> int:
+        """Index of the first top-level layer from which the same-position diagonal suffices (0: never
+        pixel pairs; len(layers): pixel pairs throughout)."""
+        if pixel_pairs is not None and not isinstance(pixel_pairs, (bool, np.bool_)):
+            raise ValueError(f"pixel_pairs must be None, True or False, got {pixel_pairs!r}")
+        if not spatial:
+            return 0
+        need = [i for i, lay in enumerate(self.layers) if lay.needs_pixel_pairs()]
+        if pixel_pairs is None:
+            return need[-1] + 1 if need else 0
+        if pixel_pairs:
+            return len(self.layers)
+        if need:
+            raise ConfigError(f"pixel_pairs=False, but layer {need[0]} ({self.layers[need[0]].layer_name}) mixes "
+                              "different positions and needs the covariances of all position pairs; leave "
+                              "pixel_pairs=None")
+        return 0
 
-    def _diagonal(self, t1, t2, names):
-        n, d = t1.shape[0], int(math.prod(t1.shape[1:]))
-        a = t1.reshape(n, d)
-        var1 = (a * a).sum(1) / d
-        if t2 is None:
-            cov, var2 = var1, var1
-        else:
-            b = t2.reshape(n, d)
-            var2 = (b * b).sum(1) / d
-            cov = (a * b).sum(1) / d
-        st = self._run(KernelState(nngp=cov, ntk=0.0 if "ntk" in names else None, var1=var1, var2=var2,
-                                   width=d, gaussian=False))
-        out = {name: self._field(st, name, cov) for name in names}
-        for name, val in out.items():
+    def _run(self, st: KernelState, ctx: KernelContext, switch: int) -> KernelState:
+        for i, lay in enumerate(self.layers):
+            if i == switch:
+                st = drop_pixel_pairs(st)
+            st = lay.apply_kernel(st, ctx)
+        if isinstance(st, tuple):
+            raise ConfigError("the architecture ends with unmerged branches; close them with fanin_sum")
+        if st.shape:
+            raise ConfigError(f"the architecture ends with spatial activations {st.shape}; end it with flatten or "
+                              "global_avg_pool and a dense readout")
+        return st
+
+    @staticmethod
+    def _per_pair(t: torch.Tensor, pixel_pairs: bool) -> int:
+        """Numbers per pair of inputs in the kernel state (1, H W or (H W)^2) and the scaled inputs."""
+        if t.ndim == 2:
+            return 1
+        p = int(math.prod(t.shape[1:-1]))
+        return p * p if pixel_pairs else p
+
+    @staticmethod
+    def _scaled(t: torch.Tensor) -> torch.Tensor:
+        """Inputs divided by sqrt(features per position): the input kernel is x . x' / d (Sigma0)."""
+        return t * (1.0 / math.sqrt(t.shape[-1]))
+
+    def _width0(self, t: torch.Tensor) -> int:
+        return int(t.shape[-1])
+
+    def _diagonal(self, t1, t2, names, switch, memory_budget, progress_flag):
+        n = t1.shape[0]
+        item = t1.element_size()
+        per = self._per_pair(t1, switch > 0)
+        budget = 0.9 * available_memory_bytes(t1.device) if memory_budget is None else memory_budget
+        chunk = n if per == 1 else max(1, min(n, int(budget // (_LIVE_TILES * per * item * 3))))
+        check_memory(_LIVE_TILES * chunk * per * item * 3 + len(names) * n * item, budget,
+                     f"the diagonal kernel ({per} numbers per pair)", "pass a larger memory_budget")
+        a, b = self._scaled(t1), None if t2 is None else self._scaled(t2)
+        ctx = KernelContext(self.parameterization)
+        outs = {name: empty_output((n,), t1.dtype, t1.device) for name in names}
+        for i0 in progress(range(0, n, chunk), desc="kernel diagonal", unit="chunk", enabled=progress_flag):
+            i1 = min(i0 + chunk, n)
+            st = input_state(a[i0:i1], None if b is None else b[i0:i1], pairwise=True, pixel_pairs=switch > 0,
+                             need_ntk="ntk" in names, width=self._width0(t1))
+            st = self._run(st, ctx, switch)
+            for name in names:
+                outs[name][i0:i1] = self._field(st, name, st.nngp)
+        for name, val in outs.items():
             if not bool(torch.isfinite(val).all()):
                 raise FloatingPointError(f"the {name} kernel overflowed or became NaN in {t1.dtype}; check "
                                          "W_std/b_std and depth, or use float64")
-        return out
+        return outs
 
     @staticmethod
     def _field(st: KernelState, name: str, like: torch.Tensor) -> torch.Tensor:
         val = st.nngp if name == "nngp" else st.ntk
         if not isinstance(val, torch.Tensor):  # e.g. NTK of a net without trainable layers
-            return torch.full_like(like, float(val))
+            return torch.full(like.shape, float(val), dtype=like.dtype, device=like.device)
         if val.shape != like.shape:
             val = val.expand_as(like)
         return val
 
-    def _matrix(self, t1, t2, names, memory_budget, block_size):
+    def _matrix(self, t1, t2, names, memory_budget, block_size, switch, progress_flag):
         same = t2 is None
         n1 = t1.shape[0]
         d = int(math.prod(t1.shape[1:]))
         n2 = n1 if same else t2.shape[0]
         item = t1.element_size()
+        per = self._per_pair(t1, switch > 0)
         # budget: outputs are unavoidable; tiles must fit in what is left
         out_bytes = len(names) * n1 * n2 * item
         budget = memory_budget
@@ -300,9 +463,14 @@ class Architecture:
                      "compute it in pieces (slices of x1), ask for one kernel, use float32, or use diagonal=True "
                      "if only k(x, x) is needed")
         left = budget - out_bytes
+
+        def tile_bytes(bl):  # live tile-sized state buffers, the rows' own kernels, and the input slices
+            return _LIVE_TILES * (bl * bl + 2 * bl) * per * item + 2 * bl * d * item
+
         if block_size is None:
             block = 512
-            while block > 16 and _LIVE_TILES * block * block * item + 2 * block * d * item > left:
+            floor = 16 if per == 1 else 1
+            while block > floor and tile_bytes(block) > left:
                 block //= 2
         else:
             if isinstance(block_size, bool) or int(block_size) != block_size:
@@ -310,43 +478,34 @@ class Architecture:
             block = int(block_size)
             if block < 1:
                 raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        tile_bytes = _LIVE_TILES * block * block * item
-        check_memory(out_bytes + tile_bytes, budget, f"kernel blocks of {block}x{block}",
+        check_memory(out_bytes + tile_bytes(block), budget,
+                     f"kernel blocks of {block}x{block} input pairs ({per} numbers per pair)",
                      "pass a smaller block_size or a larger memory_budget")
 
-        scale = 1.0 / math.sqrt(d)
-        xs1 = t1.reshape(n1, d) * scale
-        xs2 = xs1 if same else t2.reshape(n2, d) * scale
-        var1 = (xs1 * xs1).sum(1)
-        var2 = var1 if same else (xs2 * xs2).sum(1)
+        xs1 = self._scaled(t1)
+        xs2 = xs1 if same else self._scaled(t2)
         need_ntk = "ntk" in names
         outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
         ctx = KernelContext(self.parameterization)
-        for i0 in range(0, n1, block):
-            i1 = min(i0 + block, n1)
-            for j0 in range(i0 if same else 0, n2, block):
-                j1 = min(j0 + block, n2)
-                g = xs1[i0:i1] @ xs2[j0:j1].T
-                diag_tile = same and i0 == j0
-                if diag_tile:  # identical points: make Sigma(x, x) agree exactly with its variance
-                    g.diagonal().copy_(var1[i0:i1])
-                st = KernelState(nngp=g, ntk=0.0 if need_ntk else None, var1=var1[i0:i1, None],
-                                 var2=var2[None, j0:j1], width=d, gaussian=False)
-                st = self.body.apply_kernel(st, ctx)
-                if isinstance(st, tuple):
-                    raise ConfigError("the architecture ends with unmerged branches; close them with fanin_sum")
-                for name in names:
-                    tile = self._field(st, name, g)
-                    if not bool(torch.isfinite(tile.sum())):  # NaN/Inf propagate through the sum
-                        raise FloatingPointError(
-                            f"the {name} kernel overflowed or became NaN in {t1.dtype}; the activations' "
-                            "variances probably explode with depth (check W_std/b_std) or the dtype is too "
-                            "narrow (use float64)")
-                    if diag_tile:
-                        tile = (tile + tile.T) * 0.5
-                    outs[name][i0:i1, j0:j1] = tile
-                    if same and not diag_tile:
-                        outs[name][j0:j1, i0:i1] = tile.T
+        tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
+        for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=progress_flag):
+            i1, j1 = min(i0 + block, n1), min(j0 + block, n2)
+            diag_tile = same and i0 == j0
+            st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=False,
+                             pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1))
+            st = self._run(st, ctx, switch)
+            for name in names:
+                tile = self._field(st, name, st.nngp)
+                if not bool(torch.isfinite(tile.sum())):  # NaN/Inf propagate through the sum
+                    raise FloatingPointError(
+                        f"the {name} kernel overflowed or became NaN in {t1.dtype}; the activations' "
+                        "variances probably explode with depth (check W_std/b_std) or the dtype is too "
+                        "narrow (use float64)")
+                if diag_tile:
+                    tile = (tile + tile.T) * 0.5
+                outs[name][i0:i1, j0:j1] = tile
+                if same and not diag_tile:
+                    outs[name][j0:j1, i0:i1] = tile.T
         return outs
 
     # -- finite width -----------------------------------------------------------------------------
@@ -356,10 +515,11 @@ class Architecture:
         *,
         seed: int = 0,
         init: str = "gaussian",
-        in_features: int | None = None,
+        in_features: int | Sequence[int] | None = None,
         out_dim: int | None = None,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        layout: str = "NHWC",
     ) -> FiniteNetwork:
         """Build the finite network of this description, randomly initialized.
 
@@ -371,9 +531,14 @@ class Architecture:
             Seed of the random initialization (a private ``torch.Generator``; global RNG untouched).
         init : {"gaussian", "orthogonal"}
             i.i.d. Gaussian weights, or Haar-orthogonal weight matrices with the same per-entry scale
-            (Saxe et al. 2014; Huang et al. 2020 show the NTK limit is the same).
-        in_features : int, optional
-            Input features (default: ``input_dim`` of the description).
+            (Saxe et al. 2014; Huang et al. 2020 show the NTK limit is the same); convolutions get
+            delta-orthogonal filters (Xiao et al. 2018: an orthogonal matrix at the centre tap).
+        in_features : int or tuple, optional
+            Input features (default: ``input_dim`` of the description); for convolutional
+            architectures the shape of one input, ``(H, W, C)`` or ``(L, C)`` (in ``layout`` order).
+        layout : {"NHWC", "NCHW"}
+            Axis order of the images the network takes (channels last by default, like ``kernel``;
+            ``"NCHW"`` for torch-style channels-first batches).
         out_dim : int, optional
             Width of the readout (default: the description's).
         dtype : default float64
@@ -393,15 +558,39 @@ class Architecture:
         if n_in is None:
             raise ConfigError("the number of input features is unknown; pass in_features= to init() or set "
                               "input_dim in the architecture")
-        if int(n_in) != n_in or n_in < 1:
+        nd = self.spatial_ndim()
+        if isinstance(n_in, (tuple, list, torch.Size)):
+            shape = tuple(n_in)
+            if not shape or any(int(v) != v or v < 1 for v in shape):
+                raise ConfigError(f"in_features must be a positive integer or a shape of them, got {n_in!r}")
+            shape = tuple(int(v) for v in shape)
+            if nd == 0:
+                n_in = math.prod(shape)
+            else:
+                if layout not in _LAYOUTS:
+                    raise ConfigError(f"layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
+                if _LAYOUTS[layout]:
+                    shape = shape[1:] + shape[:1]
+                if (nd is not None and len(shape) != nd + 1) or len(shape) < 2:
+                    raise ConfigError(f"in_features {tuple(n_in)} is not the shape of one "
+                                      f"{'image (H, W, C)' if nd == 2 else 'signal (L, C)'} ({self._first_spatial_name()})")
+                n_in = shape
+        elif nd != 0:
+            raise ConfigError(f"this architecture ({self._first_spatial_name()}) takes spatial inputs: pass "
+                              "in_features=(H, W, C) (the shape of one NHWC image) or (L, C) to init()")
+        elif int(n_in) != n_in or n_in < 1:
             raise ConfigError(f"in_features must be a positive integer, got {n_in!r}")
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed))
         ctx = BuildContext(self.parameterization, gen, init, resolve_dtype(dtype), device)
-        body, out_f = arch.body.build_module(int(n_in), ctx)
+        first = SpatialShape(n_in[-1], n_in[:-1]) if isinstance(n_in, tuple) else int(n_in)
+        body, out_f = arch.body.build_module(first, ctx)
         if isinstance(out_f, tuple):
             raise ConfigError("the architecture ends with unmerged branches; close them with fanin_sum")
-        return FiniteNetwork(body, arch, int(n_in), out_f)
+        if isinstance(out_f, SpatialShape):
+            raise ConfigError(f"the architecture ends with spatial activations ({out_f}); end it with flatten or "
+                              "global_avg_pool and a dense readout")
+        return FiniteNetwork(body, arch, n_in, out_f, layout if isinstance(n_in, tuple) else "NHWC")
 
 
 class _ArchitectureKernel(KernelFunction):

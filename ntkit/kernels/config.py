@@ -10,7 +10,10 @@ from .._validation import ConfigError
 from .activations import (ABRelu, Abs, Cos, Elementwise, Erf, Exp, Gaussian, Gelu, LeakyRelu, Monomial, Polynomial,
                           Rbf, Relu, Sign, Sin)
 from .architecture import Architecture
+from .conv import Conv
 from .layers import Dense, FanInSum, FanOut, Identity, Layer, Parallel, Serial
+from .normalization import LayerNorm
+from .pooling import AvgPool, Flatten, GlobalAvgPool
 
 __all__ = ["from_config", "layer_from_config", "LAYER_SCHEMA"]
 
@@ -41,11 +44,29 @@ def _branches(v, where):
     return out
 
 
+def _layer_norm(eps, axis):
+    if axis not in (-1, [-1], (-1,)):
+        raise ConfigError(f"layer_norm normalises over the channel axis only (axis -1), got axis {axis!r}")
+    return LayerNorm(eps)
+
+
 # name -> (builder(**fields), required fields with converters, optional fields with converters and defaults)
 LAYER_SCHEMA: dict[str, tuple[Callable[..., Layer], dict, dict]] = {
     "dense": (lambda out_dim=None, W_std=1.0, b_std=0.0, trainable=True: Dense(out_dim, W_std, b_std, trainable),
               {"W_std": _any("W_std"), "b_std": _any("b_std")},
               {"out_dim": (_any("out_dim"), None), "trainable": (_any("trainable"), True)}),
+    "conv": (lambda filter_shape, W_std=1.0, b_std=0.0, out_chan=None, strides=None, padding="VALID", trainable=True:
+             Conv(out_chan, filter_shape, strides, padding, W_std, b_std, trainable),
+             {"filter_shape": _any("filter_shape"), "W_std": _any("W_std"), "b_std": _any("b_std")},
+             {"out_chan": (_any("out_chan"), None), "strides": (_any("strides"), None),
+              "padding": (_any("padding"), "VALID"), "trainable": (_any("trainable"), True)}),
+    "avg_pool": (lambda window_shape, strides=None, padding="VALID": AvgPool(window_shape, strides, padding),
+                 {"window_shape": _any("window_shape")},
+                 {"strides": (_any("strides"), None), "padding": (_any("padding"), "VALID")}),
+    "global_avg_pool": (GlobalAvgPool, {}, {}),
+    "flatten": (Flatten, {}, {}),
+    "layer_norm": (lambda eps=1e-12, axis=-1: _layer_norm(eps, axis), {},
+                   {"eps": (_float("eps"), 1e-12), "axis": (_any("axis"), -1)}),
     "relu": (Relu, {}, {}),
     "abs": (Abs, {}, {}),
     "gelu": (Gelu, {}, {}),

@@ -20,7 +20,7 @@ from .._validation import ConfigError, check_nonnegative
 from ._state import KernelState, State
 
 __all__ = ["Layer", "Dense", "Identity", "FanOut", "Parallel", "FanInSum", "Serial", "BuildContext",
-           "DenseModule", "PARAMETERIZATIONS"]
+           "DenseModule", "PARAMETERIZATIONS", "SpatialShape"]
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
@@ -34,6 +34,21 @@ class BuildContext:
     init: str = "gaussian"
     dtype: torch.dtype = torch.float64
     device: torch.device | str | None = None
+
+
+@dataclass(frozen=True)
+class SpatialShape:
+    """Shape of spatial activations in the finite network: ``channels`` at each of ``size`` positions.
+
+    Layers' ``build_module`` receive it instead of a feature count (an int) when the activations are
+    images (``size = (H, W)``) or 1-D signals (``size = (L,)``).
+    """
+
+    channels: int
+    size: tuple
+
+    def __str__(self):
+        return "x".join(map(str, self.size)) + f" positions x {self.channels} channels"
 
 
 @dataclass
@@ -58,9 +73,14 @@ class Layer:
     def to_config(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def dense_layers(self) -> list["Dense"]:
-        """All Dense layers in traversal order."""
+    def dense_layers(self) -> list["Layer"]:
+        """All layers with an output width (Dense, Conv) in traversal order."""
         return []
+
+    def needs_pixel_pairs(self) -> bool:
+        """Whether the layer mixes different spatial positions (average pooling, global average pooling),
+        so that its input kernel must carry the covariances of all pairs of positions."""
+        return False
 
     def map_dense(self, fn) -> "Layer":
         """A copy with every Dense layer replaced by fn(dense)."""
@@ -178,6 +198,9 @@ class Dense(Layer):
         if isinstance(k, tuple):
             raise ConfigError("dense applied to unmerged branches: after fanout, use parallel([...]) for the "
                               "branches and fanin_sum to merge them")
+        if k.shape:
+            raise ConfigError(f"dense applied to spatial activations of shape {k.shape}: add flatten or "
+                              "global_avg_pool before it (or use a conv with a 1x1 filter)")
         w2 = self.W_std**2
         b2 = 0.0 if self.b_std is None else self.b_std**2
         # Sigma and the variances q must go through bitwise-identical operations (no fused multiply-add
@@ -201,6 +224,9 @@ class Dense(Layer):
     def build_module(self, in_features, ctx: BuildContext):
         if isinstance(in_features, tuple):
             raise ConfigError("a Dense layer cannot act on several branches; close them with fanin_sum first")
+        if isinstance(in_features, SpatialShape):
+            raise ConfigError(f"dense applied to spatial activations {in_features}: add flatten or "
+                              "global_avg_pool before it")
         if self.out_dim is None:
             raise ConfigError("a Dense layer has no out_dim; pass width= (hidden layers) and out_dim= (readout) "
                               "to init(), or set out_dim in the description.")
@@ -217,6 +243,9 @@ class Dense(Layer):
 
     def map_dense(self, fn):
         return fn(self)
+
+    def with_out_dim(self, out_dim: int) -> "Dense":
+        return Dense(out_dim, self.W_std, self.b_std, self.trainable)
 
 
 @dataclass(frozen=True)
@@ -284,6 +313,10 @@ class FanInSum(Layer):
         widths = {k.width for k in ks if k.width is not None}
         if len(widths) > 1:
             raise ConfigError(f"fanin_sum adds branches of different widths {sorted(widths)}; they must match")
+        layouts = {(k.shape, k.pixel_pairs) for k in ks}
+        if len(layouts) > 1:
+            raise ConfigError(f"fanin_sum adds branches of different spatial shapes {sorted(s for s, _ in layouts)}; "
+                              "they must match (SAME padding and stride 1 inside a residual branch)")
         loose = [i for i, k in enumerate(ks) if k.deps or not k.fresh]
         if len(loose) > 1:
             i, j = loose[:2]
@@ -292,11 +325,11 @@ class FanInSum(Layer):
             raise ConfigError(
                 f"fanin_sum adds branches {i} and {j}, which are {why}, so the kernel of their sum has "
                 "cross terms E[f_i(x) f_j(x')] that do not vanish (correlation, or non-zero means as after "
-                "a ReLU) and that ntkit does not compute. End every branch but one with a Dense layer, as in "
+                "a ReLU) and that ntkit does not compute. End every branch but one with a Dense (or Conv) layer, as in "
                 "the usual residual block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
         ntks = [k.ntk for k in ks]
         ntk = None if any(t is None for t in ntks) else sum(ntks[1:], ntks[0])
-        return KernelState(
+        return ks[0].replace(
             nngp=sum((k.nngp for k in ks[1:]), ks[0].nngp),
             ntk=ntk,
             var1=sum((k.var1 for k in ks[1:]), ks[0].var1),
@@ -365,6 +398,9 @@ class Serial(Layer):
     def dense_layers(self):
         return [d for lay in self.layers for d in lay.dense_layers()]
 
+    def needs_pixel_pairs(self):
+        return any(lay.needs_pixel_pairs() for lay in self.layers)
+
     def map_dense(self, fn):
         return Serial([lay.map_dense(fn) for lay in self.layers])
 
@@ -418,6 +454,9 @@ class Parallel(Layer):
 
     def dense_layers(self):
         return [d for b in self.branches for d in b.dense_layers()]
+
+    def needs_pixel_pairs(self):
+        return any(b.needs_pixel_pairs() for b in self.branches)
 
     def map_dense(self, fn):
         return Parallel([b.map_dense(fn) for b in self.branches])

@@ -1,4 +1,5 @@
-"""Every fully-connected neural-tangents reference case, reproduced through ntkit.from_config.
+"""Every neural-tangents reference case (fully-connected, convolutional, pooling, residual, layer norm),
+reproduced through ntkit.from_config.
 
 The reference values (neural-tangents 0.6.5, float64) are an independent implementation; the
 tolerance max|a - b| <= 1e-6 max|b| is the one its README recommends (its own rounding at
@@ -16,13 +17,14 @@ from conftest import load_reference, reference_cases
 CASES = reference_cases()
 
 
-def test_all_fully_connected_cases_are_present():
-    # 102 of the 112 reference cases have no conv / pooling / flatten / layer_norm layer
-    assert len(CASES) == 102
+def test_all_cases_are_present():
+    # the whole reference set: 100 fully-connected cases, 6 convolutional ones (conv, strides, VALID/SAME,
+    # global average pooling, flatten), 3 residual (1 conv) and 3 layer-norm (1 conv) cases
+    assert len(CASES) == 112
 
 
 @pytest.mark.parametrize("name,path", CASES, ids=[c[0] for c in CASES])
-def test_reference_case(name, path):
+def test_reference_case(name, path, single_thread):
     cfg, z = load_reference(path)
     arch = ntkit.from_config(json.dumps(cfg))  # through the JSON string form
     for a, b in (("x1", "x2"), ("x1", "x1"), ("x2", "x2")):
