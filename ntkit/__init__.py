@@ -15,6 +15,7 @@ from ._validation import ConfigError, MemoryBudgetError
 from .kernels import (ABRelu, Abs, Activation, Architecture, Cos, Dense, Elementwise, Erf, Exp, FanInSum, FanOut,
                       FiniteNetwork, Gaussian, Gelu, Identity, KernelFunction, Layer, LeakyRelu, Monomial, Parallel,
                       Polynomial, Rbf, Relu, Serial, Sign, Sin, from_config, mlp, residual, serial)
+from .kernels import RNN, Sequences
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "ABRelu", "Abs", "Activation", "Architecture", "Cos", "Dense", "Elementwise", "Erf", "Exp", "FanInSum",
     "FanOut", "FiniteNetwork", "Gaussian", "Gelu", "Identity", "KernelFunction", "Layer", "LeakyRelu", "Monomial",
     "Parallel", "Polynomial", "Rbf", "Relu", "Serial", "Sign", "Sin", "from_config", "mlp", "residual", "serial",
+    "RNN", "Sequences",
     *_LAZY,
 ]
 

@@ -6,6 +6,7 @@ from .architecture import Architecture, FiniteNetwork, mlp, residual, serial
 from .base import KernelFunction
 from .config import from_config, layer_from_config
 from .layers import Dense, DenseModule, FanInSum, FanOut, Identity, Layer, Parallel, Serial
+from .recurrent import RNN, RNNModule, Sequences
 
 __all__ = [
     "ABRelu", "Abs", "Activation", "Cos", "Elementwise", "Erf", "Exp", "Gaussian", "Gelu", "LeakyRelu",
@@ -13,4 +14,5 @@ __all__ = [
     "Architecture", "FiniteNetwork", "mlp", "residual", "serial",
     "KernelFunction", "from_config", "layer_from_config",
     "Dense", "DenseModule", "FanInSum", "FanOut", "Identity", "Layer", "Parallel", "Serial",
+    "RNN", "RNNModule", "Sequences",
 ]

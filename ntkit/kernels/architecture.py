@@ -12,6 +12,7 @@ from torch import nn
 
 from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
+from . import recurrent
 from ._state import KernelState
 from .base import KernelFunction
 from .layers import (PARAMETERIZATIONS, BuildContext, Dense, FanInSum, FanOut, Identity, KernelContext, Layer,
@@ -64,6 +65,9 @@ class FiniteNetwork(nn.Module):
         object.__setattr__(self, "architecture", architecture)  # plain attribute, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recurrent.is_sequence_architecture(self.architecture.layers):  # sequences of different lengths
+            first = next(self.parameters())
+            return self.body(recurrent.as_sequences(x, "x", dtype=first.dtype, device=first.device))
         if x.ndim < 2:
             raise ValueError(f"expected a batch (n, {self.in_features}), got shape {tuple(x.shape)}; "
                              "reshape a single sample with x.reshape(1, -1)")
@@ -140,6 +144,8 @@ class Architecture:
         order. In the NTK parameterization widths do not change the kernels; in the standard
         parameterization they do.
         """
+        if recurrent.is_sequence_architecture(self.layers):  # the rnns' out_dims are hidden widths too
+            return recurrent.with_width(self, width, out_dim)
         dense = self.body.dense_layers()
         if not dense:
             if width is not None or out_dim is not None:
@@ -219,6 +225,11 @@ class Architecture:
             return self.with_width(width).kernel(x1, x2, get, diagonal=diagonal, dtype=dtype, device=device,
                                                  memory_budget=memory_budget, block_size=block_size)
         dt = resolve_dtype(dtype)
+        if recurrent.is_sequence_architecture(self.layers):  # x1, x2: lists of (T_i, d) sequences
+            with torch.no_grad():
+                result = recurrent.sequence_kernel(self, x1, x2, names, diagonal=diagonal, dtype=dt, device=device,
+                                                   memory_budget=memory_budget, block_size=block_size)
+            return result[names[0]] if single else _kernels_tuple(names)(**result)
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
             raise NotImplementedError(
                 "arch.kernel is not differentiable with respect to its inputs: the exact kernels are computed "

@@ -11,6 +11,7 @@ from .activations import (ABRelu, Abs, Cos, Elementwise, Erf, Exp, Gaussian, Gel
                           Rbf, Relu, Sign, Sin)
 from .architecture import Architecture
 from .layers import Dense, FanInSum, FanOut, Identity, Layer, Parallel, Serial
+from .recurrent import RNN
 
 __all__ = ["from_config", "layer_from_config", "LAYER_SCHEMA"]
 
@@ -39,6 +40,15 @@ def _branches(v, where):
             raise ConfigError(f"{where}: branch {i} must be a list of layer dicts")
         out.append([layer_from_config(d, f"{where}.branches[{i}][{j}]") for j, d in enumerate(br)])
     return out
+
+
+def _activation(v, where):
+    layer = layer_from_config(v, f"{where}.activation") if isinstance(v, dict) else layer_from_config(
+        {"layer": v}, f"{where}.activation") if isinstance(v, str) else None
+    if layer is None:
+        raise ConfigError(f"{where}: 'activation' must be an activation layer dict such as {{'layer': 'erf', 'a': 1, "
+                          f"'b': 1, 'c': 0}}, got {v!r}")
+    return layer
 
 
 # name -> (builder(**fields), required fields with converters, optional fields with converters and defaults)
@@ -72,6 +82,12 @@ LAYER_SCHEMA: dict[str, tuple[Callable[..., Layer], dict, dict]] = {
                                        "tol": (_any("tol"), None)}),
     "fanout": (FanOut, {"num": _any("num")}, {}),
     "parallel": (lambda branches: Parallel(branches), {"branches": _branches}, {}),
+    # recurrent layer (ntkit.RNN): readout "sequence" feeds another rnn stacked on top
+    "rnn": (lambda W_std, U_std, b_std, activation, out_dim=None, readout="last", bidirectional=False: RNN(
+                out_dim, W_std, U_std, b_std, activation, readout, bidirectional),
+            {"W_std": _any("W_std"), "U_std": _any("U_std"), "b_std": _any("b_std"), "activation": _activation},
+            {"out_dim": (_any("out_dim"), None), "readout": (_any("readout"), "last"),
+             "bidirectional": (_any("bidirectional"), False)}),
     "serial": (lambda layers: Serial([layer_from_config(d, "serial") for d in layers]),
                {"layers": _any("layers")}, {}),
 }
