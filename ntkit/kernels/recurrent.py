@@ -383,8 +383,8 @@ def _self_chain(rnn: RNN, kin: torch.Tensor, mask: torch.Tensor):
     """Per-sequence variances along time: q(t) = Var g_t and E[h_t^2], both (n, T).
 
     ``kin`` (n, T) is the input kernel of each step with itself; ``mask`` (n, T) marks the valid steps
-    (the state is zero before a sequence starts). Invalid steps get q = 1 (a harmless finite value) and
-    E[h^2] = 0.
+    (the state is zero before a sequence starts). Invalid steps get E[h^2] = 0 and the q of the nearest
+    valid step (a value in the activation's range; those steps are never read).
     """
     w2, u2 = rnn.W_std ** 2, rnn.U_std ** 2
     b2 = 0.0 if rnn.b_std is None else rnn.b_std ** 2
@@ -392,12 +392,15 @@ def _self_chain(rnn: RNN, kin: torch.Tensor, mask: torch.Tensor):
     qs, hvs = [], []
     for t in range(kin.shape[1]):
         q = w2 * hv + u2 * kin[:, t] + b2
-        m = mask[:, t]
-        q = torch.where(m, q, torch.ones_like(q))
-        hv = torch.where(m, rnn.activation.variance(q), torch.zeros_like(q))
+        hv = torch.where(mask[:, t], rnn.activation.variance(q), torch.zeros_like(q))
         qs.append(q)
         hvs.append(hv)
-    return torch.stack(qs, 1), torch.stack(hvs, 1)
+    q = torch.stack(qs, 1)
+    first = mask.to(torch.int8).argmax(1)  # the valid steps are contiguous: [first, last]
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
+    t = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    q = q.gather(1, torch.minimum(torch.maximum(t, first[:, None]), last[:, None]))
+    return q, torch.stack(hvs, 1)
 
 
 def _direct_terms(rnn: RNN, ctx: KernelContext, d_in: int | None):
@@ -438,13 +441,15 @@ def _pair(v1: torch.Tensor, v2: torch.Tensor, pairwise: bool):
     return v1[:, None], v2[None, :]
 
 
-def _grid(rnn, terms, kin, tin, q1, q2, pairwise, need_ntk):
+def _grid(rnn, terms, kin, tin, q1, q2, m1, m2, pairwise, need_ntk):
     """Output kernels (K, K' Theta) of h over the whole (T1, T2) grid of time pairs, one row t at a time.
 
-    kin, tin: (*P, T1, T2) input kernels (tin None for raw input); q1 (n1, T1), q2 (n2, T2): Var g_t.
-    Sequences are aligned at their starts; steps past a sequence's end hold finite values never read.
+    kin, tin: (*P, T1, T2) input kernels (tin None for raw input); q1 (n1, T1), q2 (n2, T2): Var g_t;
+    m1, m2: masks of the valid steps. Sequences are aligned at their starts; pairs of steps past either
+    sequence's end are set to 0 (they are never read: (t, t') only depends on earlier steps).
     """
     p1, p2 = _pair(q1, q2, pairwise)  # (*P', T1) and (*P', T2)
+    v1, v2 = _pair(m1, m2, pairwise)
     t1 = kin.shape[-2]
     h_rows, ht_rows = [], []
     zero_col = torch.zeros_like(kin[..., 0, :1])
@@ -452,6 +457,10 @@ def _grid(rnn, terms, kin, tin, q1, q2, pairwise, need_ntk):
     for t in range(t1):
         h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
                       p1[..., t:t + 1], p2, need_ntk)
+        valid = v1[..., t:t + 1] & v2
+        h = torch.where(valid, h, zero_col)
+        if need_ntk:
+            ht = torch.where(valid, ht, zero_col)
         h_rows.append(h)
         ht_rows.append(ht)
         # step (t+1, t'+1) reads (t, t'): shift the row one step along t' (h_0 = 0 at t' = 0)
@@ -515,14 +524,16 @@ def _stack_grid(stack, terms, s1, s2, q1, q2, pairwise, need_ntk, d):
         kin = torch.einsum("itd,jsd->ijts", v1, v2) / d
     tin = None
     r1, r2 = _reverse_index(l1, v1.shape[1]), _reverse_index(l2, v2.shape[1])
+    m1 = torch.arange(v1.shape[1], device=v1.device)[None, :] < l1[:, None]
+    m2 = torch.arange(v2.shape[1], device=v2.device)[None, :] < l2[:, None]
     for li, rnn in enumerate(stack):
         top = li == len(stack) - 1
-        h, ht = _grid(rnn, terms[li], kin, tin, q1[li][0], q2[li][0], pairwise, need_ntk)
+        h, ht = _grid(rnn, terms[li], kin, tin, q1[li][0], q2[li][0], m1, m2, pairwise, need_ntk)
         outs = [(h, ht, False)]
         if rnn.bidirectional:
             kb = _flip_grid(kin, r1, r2, pairwise)
             tb = None if tin is None else _flip_grid(tin, r1, r2, pairwise)
-            hb, htb = _grid(rnn, terms[li], kb, tb, q1[li][1], q2[li][1], pairwise, need_ntk)
+            hb, htb = _grid(rnn, terms[li], kb, tb, q1[li][1], q2[li][1], m1, m2, pairwise, need_ntk)
             del kb, tb
             outs.append((hb, htb, True))
         if not top:
