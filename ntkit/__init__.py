@@ -16,6 +16,7 @@ from .kernels import (ABRelu, Abs, Activation, Architecture, Cos, Dense, Element
                       FiniteNetwork, Gaussian, Gelu, Identity, KernelFunction, Layer, LeakyRelu, Monomial, Parallel,
                       Polynomial, Rbf, Relu, Serial, Sign, Sin, from_config, mlp, residual, serial)
 from .kernels import AvgPool, Conv, Flatten, GlobalAvgPool, LayerNorm
+from .kernels import RNN, Sequences
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "FanOut", "FiniteNetwork", "Gaussian", "Gelu", "Identity", "KernelFunction", "Layer", "LeakyRelu", "Monomial",
     "Parallel", "Polynomial", "Rbf", "Relu", "Serial", "Sign", "Sin", "from_config", "mlp", "residual", "serial",
     "Conv", "AvgPool", "GlobalAvgPool", "Flatten", "LayerNorm",
+    "RNN", "Sequences",
     *_LAZY,
 ]
 

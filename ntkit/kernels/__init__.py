@@ -9,6 +9,7 @@ from .conv import Conv, ConvModule
 from .layers import Dense, DenseModule, FanInSum, FanOut, Identity, Layer, Parallel, Serial
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
+from .recurrent import RNN, RNNModule, Sequences
 
 __all__ = [
     "ABRelu", "Abs", "Activation", "Cos", "Elementwise", "Erf", "Exp", "Gaussian", "Gelu", "LeakyRelu",
@@ -17,4 +18,5 @@ __all__ = [
     "KernelFunction", "from_config", "layer_from_config",
     "Dense", "DenseModule", "FanInSum", "FanOut", "Identity", "Layer", "Parallel", "Serial",
     "Conv", "ConvModule", "AvgPool", "GlobalAvgPool", "Flatten", "LayerNorm",
+    "RNN", "RNNModule", "Sequences",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 from .._progress import progress
 from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
+from . import recurrent
 from ._state import KernelState, drop_pixel_pairs, input_state
 from .base import KernelFunction
 from .conv import Conv
@@ -88,6 +89,9 @@ class FiniteNetwork(nn.Module):
         object.__setattr__(self, "architecture", architecture)  # plain attribute, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recurrent.is_sequence_architecture(self.architecture.layers):  # sequences of different lengths
+            first = next(self.parameters())
+            return self.body(recurrent.as_sequences(x, "x", dtype=first.dtype, device=first.device))
         if isinstance(self.in_features, tuple):
             return self.body(self._images(x))
         if x.ndim < 2:
@@ -191,6 +195,8 @@ class Architecture:
         order. In the NTK parameterization widths do not change the kernels; in the standard
         parameterization they do.
         """
+        if recurrent.is_sequence_architecture(self.layers):  # the rnns' out_dims are hidden widths too
+            return recurrent.with_width(self, width, out_dim)
         dense = self.body.dense_layers()
         if not dense:
             if width is not None or out_dim is not None:
@@ -291,6 +297,11 @@ class Architecture:
                                                  memory_budget=memory_budget, block_size=block_size,
                                                  layout=layout, pixel_pairs=pixel_pairs, progress=progress)
         dt = resolve_dtype(dtype)
+        if recurrent.is_sequence_architecture(self.layers):  # x1, x2: lists of (T_i, d) sequences
+            with torch.no_grad():
+                result = recurrent.sequence_kernel(self, x1, x2, names, diagonal=diagonal, dtype=dt, device=device,
+                                                   memory_budget=memory_budget, block_size=block_size)
+            return result[names[0]] if single else _kernels_tuple(names)(**result)
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
             raise NotImplementedError(
                 "arch.kernel is not differentiable with respect to its inputs: the exact kernels are computed "

@@ -14,6 +14,7 @@ from .conv import Conv
 from .layers import Dense, FanInSum, FanOut, Identity, Layer, Parallel, Serial
 from .normalization import LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool
+from .recurrent import RNN
 
 __all__ = ["from_config", "layer_from_config", "LAYER_SCHEMA"]
 
@@ -48,6 +49,15 @@ def _layer_norm(eps, axis):
     if axis not in (-1, [-1], (-1,)):
         raise ConfigError(f"layer_norm normalises over the channel axis only (axis -1), got axis {axis!r}")
     return LayerNorm(eps)
+
+
+def _activation(v, where):
+    layer = layer_from_config(v, f"{where}.activation") if isinstance(v, dict) else layer_from_config(
+        {"layer": v}, f"{where}.activation") if isinstance(v, str) else None
+    if layer is None:
+        raise ConfigError(f"{where}: 'activation' must be an activation layer dict such as {{'layer': 'erf', 'a': 1, "
+                          f"'b': 1, 'c': 0}}, got {v!r}")
+    return layer
 
 
 # name -> (builder(**fields), required fields with converters, optional fields with converters and defaults)
@@ -93,6 +103,12 @@ LAYER_SCHEMA: dict[str, tuple[Callable[..., Layer], dict, dict]] = {
                                        "tol": (_any("tol"), None)}),
     "fanout": (FanOut, {"num": _any("num")}, {}),
     "parallel": (lambda branches: Parallel(branches), {"branches": _branches}, {}),
+    # recurrent layer (ntkit.RNN): readout "sequence" feeds another rnn stacked on top
+    "rnn": (lambda W_std, U_std, b_std, activation, out_dim=None, readout="last", bidirectional=False: RNN(
+                out_dim, W_std, U_std, b_std, activation, readout, bidirectional),
+            {"W_std": _any("W_std"), "U_std": _any("U_std"), "b_std": _any("b_std"), "activation": _activation},
+            {"out_dim": (_any("out_dim"), None), "readout": (_any("readout"), "last"),
+             "bidirectional": (_any("bidirectional"), False)}),
     "serial": (lambda layers: Serial([layer_from_config(d, "serial") for d in layers]),
                {"layers": _any("layers")}, {}),
 }
