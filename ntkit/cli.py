@@ -440,6 +440,46 @@ def _load_model(spec: str):
     return model
 
 
+def _script_ntk(model, x1, x2, output: str, params):
+    """Empirical NTK of a TorchScript module from its Jacobian, one reverse-mode pass per output entry.
+
+    torch.func cannot swap the parameters of a TorchScript module, so :func:`ntkit.empirical_ntk`
+    does not apply; this is the plain definition Theta_ab(x, x') = <df_a(x)/dtheta, df_b(x')/dtheta>
+    (Jacot et al. 2018, Eq. (3)), for models small enough to hold the Jacobian.
+    """
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (params is None or n in params)]
+    if params is not None and len(named) != len(set(params)):
+        missing = sorted(set(params) - {n for n, _ in named})
+        raise UsageError(f"--params: the model has no trainable parameters {missing}")
+    plist = [p for _, p in named]
+    n_par = sum(p.numel() for p in plist)
+
+    def jac(x):
+        out = model(x)
+        f = out.reshape(x.shape[0], -1)
+        n, k = f.shape
+        if n * k * n_par * f.element_size() > 2e9:
+            raise UsageError(f"the Jacobian of this TorchScript model ({n} x {k} outputs x {n_par} parameters) "
+                             "does not fit in 2 GB; give the model as module:function instead")
+        rows = []
+        for i in range(n):
+            for a in range(k):
+                g = torch.autograd.grad(f[i, a], plist, retain_graph=True, allow_unused=True)
+                rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                       for gi, p in zip(g, plist)]))
+        return torch.stack(rows).reshape(n, k, n_par)
+
+    j1 = jac(x1)
+    j2 = j1 if x2 is None else jac(x2)
+    full = torch.einsum("iap,jbp->ijab", j1, j2)
+    if output == "full":
+        return full
+    diag = torch.diagonal(full, dim1=2, dim2=3)
+    return diag if output == "diagonal" else diag.mean(-1)
+
+
 def _empirical(args) -> int:
     import torch
 
@@ -456,9 +496,14 @@ def _empirical(args) -> int:
         raise UsageError(f"--x1 rows have shape {x1.shape[1:]} but --x2 rows have shape {x2.shape[1:]}; they must match")
     params = [p.strip() for p in args.params.split(",") if p.strip()] if args.params else None
     t0 = time.perf_counter()
+    t1 = torch.as_tensor(x1, dtype=_dtype(args.dtype), device=dev)
+    t2 = None if x2 is None else torch.as_tensor(x2, dtype=_dtype(args.dtype), device=dev)
     try:
-        theta = empirical_ntk(model, torch.as_tensor(x1), None if x2 is None else torch.as_tensor(x2),
-                              output=args.output, implementation=args.implementation, params=params)
+        if isinstance(model, torch.jit.ScriptModule):
+            theta = _script_ntk(model, t1, t2, args.output, params)
+        else:
+            theta = empirical_ntk(model, t1, t2, output=args.output, implementation=args.implementation,
+                                  params=params)
     except (RuntimeError, TypeError) as exc:
         raise UsageError(f"the model failed on inputs of shape {x1.shape}: {str(exc).splitlines()[0]}") from None
     dt = time.perf_counter() - t0
