@@ -577,8 +577,6 @@ def _stage_spectrum(ctx: _Context) -> str:
 
 # -------------------------------------------------------------------------------------------------
 def _stage_accuracy(ctx: _Context) -> str:
-    from matplotlib.figure import Figure
-
     cfg, D = ctx.cfg, ctx.data
     eta, T = D["eta"], cfg.steps
     lab = D["labels_test"]
