@@ -416,9 +416,15 @@ def _paragraphs(text: str) -> str:
 
 def _table_html(columns: list, body: list, caption: str, fmt: str) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v, fmt))}</td>" for v in r) + "</tr>" for r in body)
+    rows = "".join("<tr>" + "".join(f"<td{_num_class(v)}>{html.escape(_fmt(v, fmt))}</td>" for v in r) + "</tr>"
+                   for r in body)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<tr>{head}</tr>{rows}</table>"
+
+
+def _num_class(v: Any) -> str:
+    """Numbers are right-aligned, text left-aligned."""
+    return ' class="num"' if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) else ""
 
 
 def _now() -> str:
@@ -451,7 +457,8 @@ figure img {{ max-width: 100%; height: auto; }}
 figcaption {{ font-size: .9rem; color: #555; margin-top: .3rem; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: .92rem; }}
 caption {{ caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; }}
-th, td {{ border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }}
+td.num, table.claims td:nth-child(2), table.claims td:nth-child(3) {{ text-align: right; }}
 th {{ background: #f3f3f3; }}
 td:first-child, th:first-child {{ text-align: left; }}
 .ok {{ color: #0a7d28; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 600; }}

@@ -548,7 +548,8 @@ def _stage_spectrum(ctx: _Context) -> str:
     ax2.set_xlabel("gradient-descent step t")
     ax2.set_ylabel(r"residual along $v_i$, $|v_i^T(y - f_t)|\,/\,|v_i^T(y - f_0)|$")
     ax2.set_title(f"(b) width-{ww} net (dots) vs theory (lines)")
-    ax2.legend(loc="lower left", ncol=1)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, fontsize=8, columnspacing=0.8,
+               handletextpad=0.2)
     tg = np.asarray(t_grid[1:-1])
     for (label, (loss, _)), col in zip(curves.items(), ("C0", "C3")):
         ax3.plot(tg, loss[1:-1], "-", color=col, lw=2, label=f"{label}")
@@ -565,8 +566,9 @@ def _stage_spectrum(ctx: _Context) -> str:
     ctx.texts[3] = (
         f"Under the NTK the residual along the i-th kernel eigenvector decays like (1 - eta lambda_i / m)^t "
         f"(Jacot et al. 2018, Sec. 5): the top principal components are learned first, with time constants "
-        f"tau_i = m / (eta lambda_i) from {float(tau[0]):.3g} steps (mode 1) to {float(tau[min(n - 1, 63)]):.3g} "
-        f"(mode {min(n, 64)}) and {float(tau[-1]):.3g} (mode {n}); the condition number is {kappa:.3g}. The "
+        f"tau_i = m / (eta lambda_i) of tau_1 = {float(tau[0]):.3g}, tau_{min(n, 64)} = "
+        f"{float(tau[min(n - 1, 63)]):.3g} and tau_{n} = {float(tau[-1]):.3g} steps; the condition number is "
+        f"{kappa:.3g}. The "
         f"width-{ww} network's measured residuals lie within {gap:.3f} of these curves. The targets put "
         f"{100 * top10:.0f}% of their energy in the top 10 modes, so the slow modes mostly fit the rest — noise "
         f"when labels are noisy: with {int(100 * cfg.label_noise)}% random training labels the test loss is "
@@ -707,7 +709,7 @@ def _assemble(ctx: _Context, total_s: float) -> Report:
     size = "quick (reduced) run" if cfg.quick else "full run"
     rep = Report(
         "ntkit demo: wide networks and their Neural Tangent Kernel",
-        intro=(f"Five results of the theory of infinitely wide networks, measured in one {size} of `ntkit demo` "
+        intro=(f"Five results of the theory of infinitely wide networks, measured in one {size} of \"ntkit demo\" "
                f"({total_s:.0f} s) on {data['name']}: {data['n_train']} training and {data['n_test']} test images "
                f"(pixels centred and scaled to |x|^2 = d = {data['d']}; targets one-hot minus 0.1). The network "
                f"has one hidden ReLU layer in the NTK parameterization (sigma_w^2 = 2, sigma_b = {cfg.b_std}) and "
