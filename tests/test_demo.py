@@ -96,9 +96,9 @@ def test_demo_reads_mnist_npz(tmp_path):
     assert rep.n_figures == 5
 
 
-def test_demo_bad_mnist_path_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ntkit", "demo", "--quick", "--mnist", str(tmp_path / "no.npz"),
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+def test_demo_bad_mnist_path_is_one_line(tmp_path, capsys):
+    from ntkit.cli import main
+
+    assert main(["demo", "--quick", "--mnist", str(tmp_path / "no.npz"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0] and "--mnist" in err[0]
