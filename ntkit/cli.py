@@ -178,7 +178,7 @@ def _demo(args) -> int:
     _seed(args)
     path = run_demo(args.out, mnist=args.mnist, quick=args.quick, seed=args.seed,
                     progress_flag=False if args.no_progress else None, threads=args.threads,
-                    log=lambda s: print(s, flush=True))
+                    device=_device(args.device), net_dtype=_dtype(args.dtype), log=lambda s: print(s, flush=True))
     print(path.resolve())
     return 0
 
@@ -607,7 +607,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced size (seconds; used by the tests)")
     p.add_argument("--mnist", default=None, help="MNIST .npz (images, labels) or IDX folder; default: "
                                                   "scikit-learn's bundled 8x8 digits")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: small matrices)")
+    p.set_defaults(dtype="float32")  # the trained networks; the exact kernels are always float64
 
     p = add("kernel", "exact NNGP/NTK of an architecture config on inputs from .npy/.npz/.csv", _kernel)
     p.add_argument("--config", required=True, help="architecture config (.json/.yaml), see arch.to_config()")

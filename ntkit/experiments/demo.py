@@ -191,7 +191,8 @@ def _fit_slope(x, y) -> tuple[float, float]:
 # -------------------------------------------------------------------------------------------------
 def run_demo(out_dir: str | Path = "ntkit-demo", *, mnist: str | Path | None = None, quick: bool = False,
              seed: int = 0, config: DemoConfig | None = None, progress_flag: bool | None = None,
-             log: Callable[[str], Any] | None = print, threads: int | None = None) -> Path:
+             log: Callable[[str], Any] | None = print, threads: int | None = None,
+             device: str | torch.device | None = None, net_dtype: torch.dtype = torch.float32) -> Path:
     """Run the demo and write ``report.html``, ``results.json`` and the figures into ``out_dir``.
 
     Takes ~2 minutes on 2 CPU cores (one torch thread by default; ``threads=`` to change).
@@ -212,6 +213,13 @@ def run_demo(out_dir: str | Path = "ntkit-demo", *, mnist: str | Path | None = N
         Progress bars on stderr (drawn only on a terminal); False silences them.
     log : callable, optional
         Receives one line per finished stage (default ``print``); None for silence.
+    threads : int, optional
+        torch threads during the run (default 1; restored afterwards).
+    device : torch device, optional
+        Where the exact kernels are computed and the networks trained (default CPU); results come back
+        to the CPU for the analysis and the figures.
+    net_dtype : torch dtype
+        Precision of the trained networks (default float32; the exact kernels are always float64).
 
     Returns
     -------
@@ -219,32 +227,33 @@ def run_demo(out_dir: str | Path = "ntkit-demo", *, mnist: str | Path | None = N
     """
     cfg = config or (DemoConfig.quick_config() if quick else DemoConfig.full())
     results, rep = build_demo_report(cfg, mnist=mnist, seed=seed, progress_flag=progress_flag, log=log,
-                                     threads=threads)
+                                     threads=threads, device=device, net_dtype=net_dtype)
     return rep.save(out_dir)
 
 
 def build_demo_report(cfg: DemoConfig, *, mnist=None, seed: int = 0, progress_flag: bool | None = None,
-                      log: Callable[[str], Any] | None = print, threads: int | None = None):
+                      log: Callable[[str], Any] | None = print, threads: int | None = None,
+                      device: str | torch.device | None = None, net_dtype: torch.dtype = torch.float32):
     """Compute every story of the demo; returns ``(results, Report)`` (see :func:`run_demo`)."""
     import matplotlib
 
-    matplotlib.rcParams.update({"font.size": 10, "axes.titlesize": 10.5, "legend.fontsize": 8.5,
-                                "axes.grid": True, "grid.alpha": 0.3})
     # one thread by default: the demo's matrices are small, and on a shared machine a second thread
     # spinning against other processes costs more than it gains (measured: 6x slower under load)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(int(threads) if threads else 1)
+    style = {"font.size": 10, "axes.titlesize": 10.5, "legend.fontsize": 8.5, "axes.grid": True, "grid.alpha": 0.3}
     try:
-        return _build(cfg, mnist, seed, progress_flag, log)
+        with matplotlib.rc_context(style):  # the caller's matplotlib settings stay as they were
+            return _build(cfg, mnist, seed, progress_flag, log, torch.device(device or "cpu"), net_dtype)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _build(cfg: DemoConfig, mnist, seed: int, progress_flag, log):
+def _build(cfg: DemoConfig, mnist, seed: int, progress_flag, log, device: torch.device, net_dtype: torch.dtype):
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    ctx = _Context(cfg=cfg, seed=seed, progress_flag=progress_flag)
+    ctx = _Context(cfg=cfg, seed=seed, progress_flag=progress_flag, device=device, net_dtype=net_dtype)
 
     stages = [("data and exact kernels", _stage_data, (mnist,)),
               ("1 kernel vs width", _stage_kernel_convergence, ()),
@@ -269,6 +278,8 @@ class _Context:
     cfg: DemoConfig
     seed: int
     progress_flag: bool | None
+    device: torch.device = torch.device("cpu")
+    net_dtype: torch.dtype = torch.float32
     results: dict = field(default_factory=dict)
     figs: dict = field(default_factory=dict)      # story -> (fig, name, caption)
     texts: dict = field(default_factory=dict)     # story -> paragraph
@@ -285,7 +296,8 @@ def _stage_data(ctx: _Context, mnist) -> str:
     arch = mlp(1, activation="relu", W_std=2**0.5, b_std=cfg.b_std, out_dim=10, input_dim=d)
     x_all = np.concatenate([data["x_train"], data["x_test"]])
     t0 = time.perf_counter()
-    k = arch.kernel(x_all)  # the one exact kernel computation every story reuses
+    k = arch.kernel(x_all, device=ctx.device)  # the one exact kernel computation every story reuses
+    k = type(k)(k.nngp.cpu(), k.ntk.cpu())
     dt = time.perf_counter() - t0
     n = data["x_train"].shape[0]
     ctx.data.update(arch=arch, n=n, nngp_tt=k.nngp[:n, :n], nngp_st=k.nngp[n:, :n], nngp_ss=k.nngp[n:, n:],
@@ -365,9 +377,9 @@ def _stage_dynamics(ctx: _Context) -> str:
 
     cfg, D = ctx.cfg, ctx.data
     arch, eta, T = D["arch"], D["eta"], cfg.steps
-    xtr = torch.as_tensor(D["x_train"], dtype=torch.float32)
-    xte = torch.as_tensor(D["x_test"], dtype=torch.float32)
-    ytr = torch.as_tensor(D["y_train"], dtype=torch.float32)
+    xtr = torch.as_tensor(D["x_train"], dtype=ctx.net_dtype, device=ctx.device)
+    xte = torch.as_tensor(D["x_test"], dtype=ctx.net_dtype, device=ctx.device)
+    ytr = torch.as_tensor(D["y_train"], dtype=ctx.net_dtype, device=ctx.device)
     probe = D["x_train"][:cfg.n_probe]
     limit = D["ntk_tt"][:cfg.n_probe, :cfg.n_probe]
     record = _log_steps(T)
@@ -376,7 +388,7 @@ def _stage_dynamics(ctx: _Context) -> str:
     ntk_pred = predictor.predict(record, D["ntk_st"])  # centred outputs start at 0: one prediction for all
     runs = {}
     for w in progress(cfg.train_widths, desc="training widths", unit="net", enabled=ctx.progress_flag):
-        net = arch.init(w, seed=ctx.seed * 100 + 7, in_features=D["d"], dtype=torch.float32)
+        net = arch.init(w, seed=ctx.seed * 100 + 7, in_features=D["d"], dtype=ctx.net_dtype, device=ctx.device)
         tracker = KernelTracker(net, probe, limit=limit)
         out = train_ensemble([net], xtr, ytr, xte, learning_rate=eta, steps=T, record=record, center=True,
                              on_record=lambda s, nets: tracker.record(s) if s in (0, T) else None,
@@ -637,10 +649,11 @@ def _stage_ensemble(ctx: _Context) -> str:
 
     cfg, D = ctx.cfg, ctx.data
     eta, T, w, E = D["eta"], cfg.steps, cfg.ensemble_width, cfg.ensemble_size
-    xtr = torch.as_tensor(D["x_train"], dtype=torch.float32)
-    xte = torch.as_tensor(D["x_test"], dtype=torch.float32)
-    ytr = torch.as_tensor(D["y_train"], dtype=torch.float32)
-    nets = [D["arch"].init(w, seed=10_000 + ctx.seed * 1000 + e, in_features=D["d"], dtype=torch.float32)
+    xtr = torch.as_tensor(D["x_train"], dtype=ctx.net_dtype, device=ctx.device)
+    xte = torch.as_tensor(D["x_test"], dtype=ctx.net_dtype, device=ctx.device)
+    ytr = torch.as_tensor(D["y_train"], dtype=ctx.net_dtype, device=ctx.device)
+    nets = [D["arch"].init(w, seed=10_000 + ctx.seed * 1000 + e, in_features=D["d"], dtype=ctx.net_dtype,
+                           device=ctx.device)
             for e in range(E)]
     out = train_ensemble(nets, xtr, ytr, xte, learning_rate=eta, steps=T, record=[T],
                          progress_flag=ctx.progress_flag, desc=f"ensemble of {E}")
