@@ -458,7 +458,7 @@ figcaption {{ font-size: .9rem; color: #555; margin-top: .3rem; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: .92rem; }}
 caption {{ caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; }}
 th, td {{ border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }}
-td.num, table.claims td:nth-child(2), table.claims td:nth-child(3) {{ text-align: right; }}
+td.num, table.claims td:nth-child(2), table.claims td:nth-child(3) {{ text-align: right; white-space: nowrap; }}
 th {{ background: #f3f3f3; }}
 td:first-child, th:first-child {{ text-align: left; }}
 .ok {{ color: #0a7d28; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 600; }}

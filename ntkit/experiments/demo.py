@@ -762,7 +762,7 @@ def _assemble(ctx: _Context, total_s: float) -> Report:
     for c in ctx.claims:
         rep.add_claim(c)
     rep.section("Claims checked in this run")
-    rep.claims_table()
+    rep.claims_table("Each claim: the number measured in this run and the interval the theory allows")
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in R["timings_s"].items())
     rep.text(f"Time per stage: {timing}.")
     return rep
