@@ -53,6 +53,7 @@ def quick_demo(tmp_path_factory):
 def test_demo_quick_writes_one_self_contained_report(quick_demo):
     out, proc = quick_demo
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "%|" not in proc.stderr  # no progress bar in a pipe
     last = proc.stdout.strip().splitlines()[-1]
     assert Path(last) == (out / "report.html").resolve()  # the report's path is the last line
     page = Path(last).read_text(encoding="utf-8")
