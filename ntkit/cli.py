@@ -485,6 +485,7 @@ def _empirical(args) -> int:
 
     from .empirical import empirical_ntk
 
+    _seed(args)  # a module:function that builds a random model gets the same model for the same --seed
     model = _load_model(args.model)
     model = model.to(dtype=_dtype(args.dtype))
     dev = _device(args.device)
