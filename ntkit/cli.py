@@ -92,10 +92,10 @@ def _load_config(path: str):
             from None
 
 
-def _dtype(name: str):
+def _dtype(name: str | None, default: str = "float64"):
     import torch
 
-    return {"float64": torch.float64, "float32": torch.float32}[name]
+    return {"float64": torch.float64, "float32": torch.float32}[name or default]
 
 
 def _device(name: str | None):
@@ -178,7 +178,8 @@ def _demo(args) -> int:
     _seed(args)
     path = run_demo(args.out, mnist=args.mnist, quick=args.quick, seed=args.seed,
                     progress_flag=False if args.no_progress else None, threads=args.threads,
-                    device=_device(args.device), net_dtype=_dtype(args.dtype), log=lambda s: print(s, flush=True))
+                    device=_device(args.device), net_dtype=_dtype(args.dtype, "float32"),
+                    log=lambda s: print(s, flush=True))
     print(path.resolve())
     return 0
 
@@ -593,7 +594,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    common.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="float precision")
+    common.add_argument("--dtype", default=None, choices=["float64", "float32"],
+                        help="float precision (default float64; the demo's trained networks: float32)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
@@ -609,7 +611,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mnist", default=None, help="MNIST .npz (images, labels) or IDX folder; default: "
                                                   "scikit-learn's bundled 8x8 digits")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1: small matrices)")
-    p.set_defaults(dtype="float32")  # the trained networks; the exact kernels are always float64
 
     p = add("kernel", "exact NNGP/NTK of an architecture config on inputs from .npy/.npz/.csv", _kernel)
     p.add_argument("--config", required=True, help="architecture config (.json/.yaml), see arch.to_config()")
