@@ -40,7 +40,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -181,11 +181,22 @@ class Report:
             raise ReportError(f"a figure named {name!r} is already in the report")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        if close:
-            import matplotlib.pyplot as plt
+        if close and getattr(getattr(fig, "canvas", None), "manager", None) is not None:
+            import matplotlib.pyplot as plt  # only figures made by pyplot are registered there
 
             plt.close(fig)
-        self._figures[name] = buf.getvalue()
+        return self.image(buf.getvalue(), name, caption)
+
+    def image(self, png: bytes | str | os.PathLike, name: str, caption: str = "") -> "Report":
+        """Embed a PNG given as bytes or a file path (e.g. a figure saved by an earlier run)."""
+        if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+            raise ReportError(f"figure name {name!r} must be a plain file stem (letters, digits, '-', '_')")
+        if name in self._figures:
+            raise ReportError(f"a figure named {name!r} is already in the report")
+        data = png if isinstance(png, (bytes, bytearray)) else Path(png).read_bytes()
+        if not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise ReportError(f"figure {name!r} is not a PNG image")
+        self._figures[name] = bytes(data)
         self._blocks.append(_Block("figure", (name, str(caption))))
         return self
 
@@ -235,11 +246,88 @@ class Report:
 
     # -- writing ------------------------------------------------------------------------------------
     def to_results(self) -> dict:
-        """The JSON-able results, with ``claims`` and provenance."""
+        """The JSON-able results, with ``claims``, provenance and the page layout under ``report``.
+
+        ``report.layout`` lists the blocks in order (sections, paragraphs, figure names and captions,
+        tables, the claims table), so :meth:`from_folder` can render the same page again from
+        ``results.json`` and the PNGs.
+        """
         out = to_jsonable(self.results)
         out["claims"] = to_jsonable(self._claims)
-        out.setdefault("report", {"title": self.title, "created": _now(), "provenance": _provenance()})
+        meta = dict(out.get("report") or {}) if isinstance(out.get("report"), Mapping) else {}
+        meta.setdefault("created", _now())
+        meta.setdefault("provenance", _provenance())
+        meta.update(title=self.title, intro=self.intro, layout=to_jsonable(self._layout()))
+        out["report"] = meta
         return out
+
+    def _layout(self) -> list:
+        layout = []
+        for b in self._blocks:
+            if b.kind == "figure":
+                layout.append({"kind": "figure", "name": b.payload[0], "caption": b.payload[1]})
+            elif b.kind == "table":
+                cols, body, cap, fmt = b.payload
+                layout.append({"kind": "table", "columns": cols, "rows": body, "caption": cap, "fmt": fmt})
+            else:
+                layout.append({"kind": b.kind, "text": b.payload})
+        return layout
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, *, title: str | None = None) -> "Report":
+        """Rebuild a report from a folder holding ``results.json`` and PNGs (re-render after editing).
+
+        With the layout that :meth:`save` records, the page comes back block for block (figures read
+        from ``<name>.png``). A ``results.json`` without it (written by other tools) gets a generic
+        page: its scalar results as a table, every PNG of the folder as a figure, and its claims.
+        A path to a ``results.json`` file is accepted too (its folder holds the PNGs).
+        """
+        p = Path(folder)
+        res_path = p if p.is_file() else p / "results.json"
+        if not res_path.is_file():
+            raise ReportError(f"no results.json in {p}; pass a folder written by ntkit (or a results.json path)")
+        try:
+            results = json.loads(res_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportError(f"{res_path} is not valid JSON ({exc})") from None
+        if not isinstance(results, dict):
+            raise ReportError(f"{res_path} holds a JSON {type(results).__name__}; expected an object of results")
+        base = res_path.parent
+        meta = results.get("report") if isinstance(results.get("report"), dict) else {}
+        claims = results.pop("claims", []) or []
+        rep = cls(title or meta.get("title") or base.resolve().name, intro=meta.get("intro"))
+        rep.results = {k: v for k, v in results.items() if k != "report"}
+        if meta:
+            rep.results["report"] = {k: v for k, v in meta.items() if k in ("created", "provenance")}
+        for c in claims if isinstance(claims, list) else []:
+            if isinstance(c, Mapping) and all(k in c for k in ("claim", "measured", "expected", "holds")):
+                rep._claims.append(dict(c))
+        layout = meta.get("layout")
+        if isinstance(layout, list):
+            for blk in layout:
+                kind = blk.get("kind")
+                if kind == "figure":
+                    png = base / f"{blk['name']}.png"
+                    if not png.is_file():
+                        raise ReportError(f"the report shows figure {blk['name']!r} but {png} is missing")
+                    rep.image(png, blk["name"], blk.get("caption", ""))
+                elif kind == "table":
+                    rep.table(blk["rows"], columns=blk["columns"], caption=blk.get("caption", ""),
+                              fmt=blk.get("fmt", "{:.4g}"))
+                elif kind in ("section", "text", "claims"):
+                    rep._blocks.append(_Block(kind, str(blk.get("text", ""))))
+            return rep
+        scalars = [{"result": k, "value": v} for k, v in _flatten(rep.results).items()
+                   if not k.startswith("report.")]
+        if scalars:
+            rep.section("Results")
+            rep.table(scalars, columns=["result", "value"])
+        pngs = sorted(base.glob("*.png"))
+        if pngs:
+            rep.section("Figures")
+            for png in pngs:
+                rep.image(png, png.stem, png.stem.replace("_", " "))
+        return rep
 
     def to_html(self) -> str:
         """The whole page as one string (figures inlined)."""
@@ -306,15 +394,37 @@ def _fmt(v: Any, fmt: str = "{:.4g}") -> str:
     return str(v)
 
 
+def _flatten(d: Mapping, prefix: str = "", limit: int = 200) -> dict:
+    """Scalar leaves of nested dicts as {"a.b": value} (lists of up to 8 numbers shown inline)."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + ".", limit))
+        elif isinstance(v, (bool, numbers.Real, str)) or v is None:
+            out[key] = v
+        elif isinstance(v, list) and len(v) <= 8 and all(isinstance(x, (numbers.Real, str)) for x in v):
+            out[key] = ", ".join(_fmt(x) for x in v)
+        if len(out) >= limit:
+            break
+    return out
+
+
 def _paragraphs(text: str) -> str:
     return "".join(f"<p>{html.escape(p.strip())}</p>" for p in str(text).split("\n\n") if p.strip())
 
 
 def _table_html(columns: list, body: list, caption: str, fmt: str) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v, fmt))}</td>" for v in r) + "</tr>" for r in body)
+    rows = "".join("<tr>" + "".join(f"<td{_num_class(v)}>{html.escape(_fmt(v, fmt))}</td>" for v in r) + "</tr>"
+                   for r in body)
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f"<table>{cap}<tr>{head}</tr>{rows}</table>"
+
+
+def _num_class(v: Any) -> str:
+    """Numbers are right-aligned, text left-aligned."""
+    return ' class="num"' if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) else ""
 
 
 def _now() -> str:
@@ -347,7 +457,8 @@ figure img {{ max-width: 100%; height: auto; }}
 figcaption {{ font-size: .9rem; color: #555; margin-top: .3rem; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: .92rem; }}
 caption {{ caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; }}
-th, td {{ border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }}
+td.num, table.claims td:nth-child(2), table.claims td:nth-child(3) {{ text-align: right; white-space: nowrap; }}
 th {{ background: #f3f3f3; }}
 td:first-child, th:first-child {{ text-align: left; }}
 .ok {{ color: #0a7d28; font-weight: 600; }} .bad {{ color: #b00020; font-weight: 600; }}

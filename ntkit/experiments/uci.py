@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .._progress import progress as _progress_bar
 from ..estimators._kernels import make_kernel_function
 
 __all__ = [
@@ -345,39 +345,6 @@ def evaluate_dataset(ds: UCIDataset, methods: dict, previous: dict | None = None
     return out
 
 
-class _Progress:
-    """tqdm when installed, else one rewritten stderr line."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.n, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm  # noqa: PLC0415
-
-                self.bar = tqdm(total=total, unit="set", file=sys.stderr)
-            except ImportError:
-                self.bar = None
-
-    def update(self, label: str) -> None:
-        self.n += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-            return
-        el = time.perf_counter() - self.t0
-        sys.stderr.write(f"\r[{self.n}/{self.total}] {el:7.0f}s {label[:40]:<40}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            sys.stderr.write("\n")
-
-
 _WORKER: dict = {}
 
 
@@ -417,13 +384,14 @@ def run_uci(data_root: str | os.PathLike, out_dir: str | os.PathLike, *, methods
     out.mkdir(parents=True, exist_ok=True)
     _WORKER.update(data_root=str(data_root), out=out, methods=methods)
     results = {}
-    bar = _Progress(len(names), progress)
+    bar = _progress_bar(total=len(names), desc="UCI data sets", unit="set", enabled=progress)
     if jobs == 1:
         if torch_threads is not None:
             torch.set_num_threads(int(torch_threads))
         for name in names:
+            bar.set_postfix_str(name)
             results[name] = _run_one(name)[1]
-            bar.update(name)
+            bar.update(1)
     else:
         import multiprocessing as mp  # noqa: PLC0415
         from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: PLC0415
@@ -439,7 +407,8 @@ def run_uci(data_root: str | os.PathLike, out_dir: str | os.PathLike, *, methods
             for f in as_completed(futs):
                 name, res = f.result()
                 results[name] = res
-                bar.update(name)
+                bar.set_postfix_str(name)
+                bar.update(1)
     bar.close()
     results = {n: results[n] for n in names}
     summary = summarize({n: {k: r["methods"][k]["test_acc"] for k in methods} for n, r in results.items()})
