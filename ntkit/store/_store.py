@@ -400,9 +400,10 @@ def store_kernel(
     dt = resolve_dtype(dtype)
     if dt not in _STORE_DTYPES:
         raise TypeError(f"dtype={dt} cannot be stored; use torch.float64, torch.float32 or torch.float16")
-    if scheduler is not None and not (isinstance(scheduler, str) or type(scheduler).__name__ == "Client"):
-        raise TypeError(f"scheduler must be None, 'local', a scheduler address or a distributed.Client, got "
-                        f"{type(scheduler).__name__}")
+    if scheduler is not None:
+        from ._dask import check_scheduler
+
+        check_scheduler(scheduler)
     t1 = as_float_tensor(x1, "x1", dtype=dt)
     t2 = None if x2 is None else as_float_tensor(x2, "x2", dtype=dt, device=t1.device)
     if t2 is not None and t1.shape[1:] != t2.shape[1:]:
