@@ -4,6 +4,7 @@ The Dask path must write the same bits as the in-process path, including when it
 that an in-process run left half done.
 """
 
+import errno
 import time
 
 import dask
@@ -80,6 +81,25 @@ def test_client_and_address_finish_a_half_done_store(tmp_path, x, monkeypatch, s
                            scheduler=cluster.scheduler_address)
         assert np.array_equal(_bits(sym), _bits(sym_ref))
         assert np.array_equal(sym[:], sym[:].T)
+
+        # a full disk on the workers: a clear error here, finished tiles kept, and the resume completes
+        import zarr.storage._local as local
+
+        real_put, writes = local._put, []
+
+        def put(p, value, exclusive=False):
+            if "/c/" in str(p) and len(writes) >= 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            writes.append(p)
+            return real_put(p, value, exclusive)
+
+        monkeypatch.setattr(local, "_put", put)  # the worker threads share this process's zarr
+        with pytest.raises(OSError, match="is full .* safely stored and kept") as info:
+            store_kernel(NTK, x, x2, path=tmp_path / "full", tile_size=50, dtype=torch.float32, scheduler=client)
+        assert info.value.errno == errno.ENOSPC
+        monkeypatch.setattr(local, "_put", real_put)
+        got = store_kernel(NTK, x, x2, path=tmp_path / "full", dtype=torch.float32, scheduler=client)
+        assert np.array_equal(_bits(got), _bits(ref))
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path, x):
