@@ -25,7 +25,6 @@ import json
 import numbers
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,7 @@ import numpy as np
 import torch
 
 from .._progress import progress as progress_bar
-from .._validation import (MemoryBudgetError, as_float_tensor, available_memory_bytes, check_memory, format_bytes,
-                           resolve_dtype)
+from .._validation import as_float_tensor, available_memory_bytes, check_memory, format_bytes, resolve_dtype
 from ..kernels import Architecture, KernelFunction
 
 __all__ = ["store_kernel", "StoreError", "MANIFEST_NAME"]
@@ -373,7 +371,9 @@ def store_kernel(
         None computes in this process. ``"local"`` starts a ``dask.distributed`` LocalCluster on the
         loopback interface for this call (one worker per core, one thread each); a scheduler address
         (``"tcp://host:8786"``) or a ``Client`` uses that cluster. Workers compute tiles and write
-        their chunks; this process records completed tiles in the manifest.
+        their chunks; this process records completed tiles in the manifest. Workers must see
+        ``path`` (a shared filesystem for a multi-machine cluster). As with any multiprocessing, a
+        script that uses ``"local"`` needs the ``if __name__ == "__main__":`` guard.
     progress : bool
         Progress bar over tiles (drawn only on a terminal).
 
@@ -394,6 +394,13 @@ def store_kernel(
         The Dask scheduler cannot be reached within ``distributed.comm.timeouts.connect``.
     ValueError, TypeError, MemoryBudgetError
         NaN/Inf rows, mismatched feature shapes, a non-kernel, a tile that cannot fit the budget.
+
+    Notes
+    -----
+    Bit-identity holds for the same device type and the same torch build (a tile computed on a GPU
+    may differ from a CPU tile in the last bits); in process and on Dask workers it was checked to
+    hold on CPU. Two calls resuming the same store at once are safe (they write identical chunks and
+    each lists only tiles it has on disk), merely wasteful.
     """
     kernel = _check_kernel(kernel)
     tile_size = _check_tile_size(tile_size)
