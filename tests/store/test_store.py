@@ -62,6 +62,11 @@ def test_default_dtype_and_tile(tmp_path, x):
     assert arr.dtype == np.float64  # ntkit's default for analytic kernels
     assert arr.chunks == (90, 90)  # small inputs: one tile
     assert _manifest(tmp_path / "s")["tile_size"] == 90
+    from ntkit.store._store import _choose_tile
+
+    # zarr stores edge chunks at full size: 13 tiles of 3847 cover 50 000 rows with 11 rows of padding, not 3248
+    assert _choose_tile(50_000, 0, 4, 2e9) == 3847
+    assert _choose_tile(50_000, 0, 8, 1e8) == 1021  # the budget allows 1024; evened out over 49 tiles
 
 
 def test_resume_after_crash_is_bit_identical(tmp_path, x):
@@ -188,6 +193,9 @@ def test_not_enough_free_space_is_refused_up_front(tmp_path, x, monkeypatch):
     with pytest.raises(OSError, match="need 63.3 KiB on disk.* has 100 B free") as info:
         store_kernel(NTK, x, path=tmp_path / "s")
     assert info.value.errno == errno.ENOSPC
+    # edge chunks count at full size: 3 x 3 grid of 40-tiles, 9 chunks of 40 x 40 float64 = 112.5 KiB
+    with pytest.raises(OSError, match="need 112.5 KiB on disk"):
+        store_kernel(NTK, x, path=tmp_path / "t", tile_size=40)
 
 
 def test_progress_is_silent_off_a_terminal(tmp_path, x, capsys):
