@@ -9,9 +9,9 @@ Inputs: x ~ N(0, 1) of shape (n, 784) in float32 (MNIST-sized rows), seed 0; ker
    (a LocalCluster, one single-threaded worker per core; its start-up is included), each in a fresh
    subprocess; all stores must be bit-identical.
 2. ``--n`` (default 50 000): ``store_kernel(..., dtype=float32, memory_budget=2e9)`` in a fresh
-   subprocess (in process, or with ``--full-scheduler local``): wall time, peak RSS (getrusage of the
-   child) and the peak summed RSS of the child and its descendants (Dask workers; sampled every
-   0.5 s); a spot check of 256 x 256 random entries against the in-memory kernel; the store is
+   subprocess (in process, or with ``--full-scheduler local``): wall time, the peak summed RSS of the
+   child and its descendants (Dask workers; sampled every 0.5 s) and getrusage's ru_maxrss of the
+   child (an upper bound only: Linux carries the parent's pre-exec high-water mark into the child); a spot check of 256 x 256 random entries against the in-memory kernel; the store is
    deleted afterwards. If the run exceeds ``--max-minutes`` it is killed with SIGKILL and the time
    for the whole Gram is extrapolated from the tiles finished so far.
 

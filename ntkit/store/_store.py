@@ -43,7 +43,7 @@ _FORMAT = "ntkit-kernel-store"
 _VERSION = 1
 #: largest automatic tile edge; a 4096 x 4096 tile is >= 0.1 s of work for any kernel on a CPU core
 _MAX_TILE = 4096
-#: automatic tile edges are multiples of this
+#: the automatic tile edge steps down by this until a tile fits the memory budget
 _TILE_STEP = 256
 #: tile-sized buffers alive at once while a tile is computed and written (the kernel's output and
 #: temporaries, the transposed copy for the mirrored chunk, zarr's chunk buffer)
