@@ -14,7 +14,7 @@ import zarr
 
 import ntkit
 from ntkit.store import MANIFEST_NAME, store_kernel
-from store_helpers import Instrumented
+from instrumented_kernel import Instrumented
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ SCRIPT = """
 import sys
 import numpy as np, torch, ntkit
 from ntkit.store import store_kernel
-from store_helpers import Instrumented
+from instrumented_kernel import Instrumented
 
 x = torch.from_numpy(np.load(sys.argv[1]))
 k = Instrumented(ntkit.mlp(depth=3, b_std=0.1).kernel_fn("ntk"), delay=0.15)  # slowed down, to be killed mid-way

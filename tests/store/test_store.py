@@ -16,7 +16,7 @@ import zarr
 import ntkit
 from conftest import load_reference, reference_cases
 from ntkit.store import MANIFEST_NAME, StoreError, store_kernel
-from store_helpers import Instrumented
+from instrumented_kernel import Instrumented
 
 NTK = ntkit.mlp(depth=3, b_std=0.1).kernel_fn("ntk")
 

@@ -1,4 +1,4 @@
-"""Helpers for the store tests: a kernel wrapper that counts, delays or fails tile computations."""
+"""A kernel wrapper for the store tests that counts, delays or fails tile computations."""
 
 from __future__ import annotations
 
