@@ -114,3 +114,17 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, x):
     # nothing was computed, and the store can be finished in process afterwards
     assert zarr.open_array(str(tmp_path / "s"), mode="r").attrs["ntkit"]["complete"] is False
     assert store_kernel(NTK, x, path=tmp_path / "s").attrs["ntkit"]["complete"] is True
+
+
+def test_torch_threads_per_worker_share_the_machine():
+    from ntkit.store._dask import _torch_threads
+
+    class FakeClient:  # two machines: 16 cores with 2 workers x 2 threads, 8 cores with 1 worker x 1 thread
+        def scheduler_info(self, n_workers=-1):
+            return {"workers": {"tcp://a:1": {"host": "a", "nthreads": 2}, "tcp://a:2": {"host": "a", "nthreads": 2},
+                                "tcp://b:1": {"host": "b", "nthreads": 1}}}
+
+        def run(self, fn):
+            return {"tcp://a:1": 16, "tcp://a:2": 16, "tcp://b:1": 8}
+
+    assert _torch_threads(FakeClient()) == {"tcp://a:1": 4, "tcp://a:2": 4, "tcp://b:1": 8}
