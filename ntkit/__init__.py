@@ -37,6 +37,7 @@ _LAZY = {
     **{name: "ntkit.estimators" for name in (
         "NTKRegressor", "NTKClassifier", "NNGPRegressor", "NNGPClassifier",
         "NTKKernel", "NNGPKernel", "LaplaceKernel", "GammaExponentialKernel")},
+    "store_kernel": "ntkit.store",
 }
 
 __all__ = [
