@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._validation import ConfigError, check_nonnegative
-from ._state import KernelState
+from ._state import KernelState, scratch
 from .layers import BuildContext, KernelContext, Layer, SpatialShape, _orthogonal, _scales
 
 __all__ = ["Conv", "ConvModule", "window_sum", "conv_geometry", "PADDINGS"]
@@ -75,10 +75,11 @@ def window_sum(t: torch.Tensor, axes: tuple, size: int, f: int, s: int, pad: int
             dst[a] = slice(lo, hi + 1)
         piece = t[tuple(src)]
         if res is None:
+            res = scratch(shape, t)
             if lo == 0 and hi == out - 1:
-                res = piece.clone(memory_format=torch.contiguous_format)
+                res.copy_(piece)
                 continue
-            res = t.new_zeros(shape)
+            res.zero_()
         res[tuple(dst)] += piece
     if res is None:
         res = t.new_zeros(shape)
@@ -187,18 +188,23 @@ class Conv(Layer):
         F = math.prod(self.filter_shape)
         w2 = self.W_std**2 / F
         b2 = 0.0 if self.b_std is None else self.b_std**2
+        b2t = torch.tensor(b2, dtype=k.nngp.dtype, device=k.nngp.device)
+        standard = ctx.parameterization == "standard" and k.ntk is not None and self.trainable
+
+        def affine(t, keep=False):  # W_std^2 / F * (sum over offsets) + b_std^2, in one pass
+            s = self._filter(t, k, geo)
+            return torch.add(b2t, s, alpha=w2) if keep else torch.add(b2t, s, alpha=w2, out=s)
+
         s_sum = self._filter(k.nngp, k, geo)
-        nngp = torch.mul(s_sum, w2).add_(b2)
-        # var1/var2 go through the same operations as nngp (bitwise, as in Dense)
-        var1 = torch.mul(self._filter(k.var1, k, geo), w2).add_(b2)
-        var2 = var1 if k.var2 is k.var1 else torch.mul(self._filter(k.var2, k, geo), w2).add_(b2)
+        nngp = torch.add(b2t, s_sum, alpha=w2, out=None if standard else s_sum)
         ntk = k.ntk
         if ntk is not None:
             t_sum = self._filter(ntk, k, geo)
             if not self.trainable:
                 ntk = t_sum * w2 if isinstance(t_sum, torch.Tensor) else 0.0
             elif ctx.parameterization == "ntk":
-                ntk = nngp.clone() if not isinstance(t_sum, torch.Tensor) else torch.add(nngp, t_sum, alpha=w2)
+                ntk = nngp.clone() if not isinstance(t_sum, torch.Tensor) else torch.add(nngp, t_sum, alpha=w2,
+                                                                                         out=t_sum)
             else:
                 if k.width is None:
                     raise ConfigError("the standard-parameterization NTK of a conv depends on its number of input "
@@ -208,8 +214,9 @@ class Conv(Layer):
                     ntk.add_(t_sum, alpha=w2)
                 if self.b_std is not None:
                     ntk.add_(1.0)
-        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=self.out_chan, gaussian=True, fresh=True,
-                         deps=frozenset(), shape=tuple(g[4] for g in geo))
+        # the self-kernels go through the same operations as nngp (bitwise, as in Dense)
+        return k.update(nngp, ntk, affine, width=self.out_chan, gaussian=True, fresh=True, deps=frozenset(),
+                        shape=tuple(g[4] for g in geo))
 
     # -- finite width -----------------------------------------------------------------------------------
     def build_module(self, in_features, ctx: BuildContext):
