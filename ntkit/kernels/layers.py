@@ -53,9 +53,12 @@ class SpatialShape:
 
 @dataclass
 class KernelContext:
-    """Settings shared by all layers while computing kernels."""
+    """Settings shared by all layers while computing kernels: the parameterization, and the weight
+    initialization of the finite twin whose limit is computed (only delta-orthogonal convolutions,
+    ``init="orthogonal"``, have a limit of their own)."""
 
     parameterization: str
+    init: str = "gaussian"
 
 
 class Layer:
