@@ -185,9 +185,10 @@ class Architecture:
         return cfg
 
     def with_width(self, width: int | Sequence[int] | None = None, out_dim: int | None = None) -> "Architecture":
-        """The same description with hidden widths (every Dense but the last) and/or readout width set.
+        """The same description with hidden widths (every Dense and every Conv's channels, but the last
+        Dense) and/or readout width set.
 
-        ``width`` is an int (all hidden layers) or a sequence with one entry per hidden Dense, in
+        ``width`` is an int (all hidden layers) or a sequence with one entry per hidden Dense/Conv, in
         order. In the NTK parameterization widths do not change the kernels; in the standard
         parameterization they do.
         """
