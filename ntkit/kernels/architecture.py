@@ -419,7 +419,7 @@ class Architecture:
 
     @staticmethod
     def _per_pair(t: torch.Tensor, pixel_pairs: bool) -> int:
-        """Numbers per pair of inputs in the kernel state (1, H W or (H W)^2) and the scaled inputs."""
+        """Numbers per pair of inputs in the kernel state: 1 (flat), H W (diagonal) or (H W)^2 (pixel pairs)."""
         if t.ndim == 2:
             return 1
         p = int(math.prod(t.shape[1:-1]))
