@@ -178,18 +178,20 @@ _HUGEPAGE_MIN_BYTES = 32 * 1024**2
 _libc = None
 
 
-def empty_output(shape: tuple, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+def empty_output(shape: tuple, dtype: torch.dtype, device: torch.device | str | None = None, *,
+                 min_bytes: int = _HUGEPAGE_MIN_BYTES) -> torch.Tensor:
     """``torch.empty`` for a large result matrix that is about to be written once, tile by tile.
 
     A fresh n x n output is paid for in page faults when its pages are first touched (on this class of
     machine ~30 ms per 128 MiB with 4 KiB pages). On Linux, CPU tensors of 32 MiB or more are advised
     to use transparent huge pages (``madvise(MADV_HUGEPAGE)``, as PyTorch's own ``THP_MEM_ALLOC_ENABLE``
     does), which cuts that cost several-fold. Purely a performance hint: any failure is ignored.
+    ``min_bytes`` lowers the threshold for large temporaries that are allocated again and again.
     """
     global _libc
     t = torch.empty(shape, dtype=dtype, device=device)
     size = t.numel() * t.element_size()
-    if (t.device.type != "cpu" or size < _HUGEPAGE_MIN_BYTES or not sys.platform.startswith("linux")
+    if (t.device.type != "cpu" or size < min_bytes or not sys.platform.startswith("linux")
             or _libc is False):
         return t
     try:

@@ -7,7 +7,9 @@ from typing import Union
 
 import torch
 
-__all__ = ["KernelState", "State", "to_diagonal", "drop_pixel_pairs", "input_state"]
+from .._validation import empty_output
+
+__all__ = ["KernelState", "State", "to_diagonal", "drop_pixel_pairs", "input_state", "scratch"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class KernelState:
         Spatial sizes of the activations, ``()`` for flat features.
     pixel_pairs : bool
         Which spatial layout ``nngp`` has (see above); False for flat states.
+    tied : bool
+        ``var1``/``var2`` are views of the diagonal pairs (x_i, x_i) of ``nngp`` (a tile of inputs with
+        themselves); layers then update them through :meth:`update` for free.
     """
 
     nngp: torch.Tensor
@@ -75,9 +80,23 @@ class KernelState:
     fresh: bool = False
     shape: tuple = ()
     pixel_pairs: bool = False
+    tied: bool = False
 
     def replace(self, **changes) -> "KernelState":
         return replace(self, **changes)
+
+    def update(self, nngp, ntk, self_fn, **changes) -> "KernelState":
+        """The state after a layer: new ``nngp``/``ntk`` and self-kernels ``self_fn(var1)``, ``self_fn(var2)``.
+
+        For a *tied* state (a tile of inputs with themselves, ``tied=True``) the self-kernels are the
+        diagonal pairs (x_i, x_i) of ``nngp`` itself, so they are taken as views of the new ``nngp`` and
+        ``self_fn`` is not called: the tile costs b^2 pairs instead of b^2 + 2 b.
+        """
+        if self.tied:
+            return self.replace(nngp=nngp, ntk=ntk, **changes, **_tied_vars(nngp, self.batch_ndim == 1))
+        v1 = self_fn(self.var1)
+        v2 = v1 if self.var2 is self.var1 else self_fn(self.var2)
+        return self.replace(nngp=nngp, ntk=ntk, var1=v1, var2=v2, **changes)
 
     # -- layout helpers -------------------------------------------------------------------------------
     @property
@@ -130,14 +149,30 @@ def _expand_diagonal(var: torch.Tensor, k: KernelState, first: bool) -> torch.Te
 State = Union[KernelState, tuple]
 
 
+_SCRATCH_MIN_BYTES = 4 * 1024**2
+
+
+def scratch(shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tile-sized temporary like ``like``; large ones are backed by transparent huge pages
+    (the kernels of image pairs allocate many multi-megabyte temporaries per layer, and with 4 KiB pages
+    their first touch costs as much as the arithmetic)."""
+    return empty_output(tuple(shape), like.dtype, like.device, min_bytes=_SCRATCH_MIN_BYTES)
+
+
+def _tied_vars(nngp: torch.Tensor, pairwise: bool) -> dict:
+    if pairwise:
+        return {"var1": nngp, "var2": nngp}
+    d = torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0)
+    return {"var1": d.unsqueeze(1), "var2": d.unsqueeze(0)}
+
+
 def drop_pixel_pairs(k):
     """The same state with only the same-position diagonal kept (pixel pairs -> diagonal layout)."""
     if isinstance(k, tuple):
         return tuple(drop_pixel_pairs(b) for b in k)
     if not k.pixel_pairs:
         return k
-    return k.replace(nngp=to_diagonal(k.nngp, k), ntk=to_diagonal(k.ntk, k), var1=to_diagonal(k.var1, k),
-                     var2=to_diagonal(k.var2, k), pixel_pairs=False)
+    return k.update(to_diagonal(k.nngp, k), to_diagonal(k.ntk, k), lambda v: to_diagonal(v, k), pixel_pairs=False)
 
 
 _LETTERS = "hwlHWL"
@@ -173,22 +208,24 @@ def input_state(a: torch.Tensor, b: torch.Tensor | None, *, pairwise: bool, pixe
     if pixel_pairs:
         pair = p + q
         self_ = f"i{p}c,i{q}c->i{pair}"
-        var1 = torch.einsum(self_, a, a)
-        var2 = var1 if same else torch.einsum(self_, b, b)
         if pairwise:
-            nngp = var1 if same else torch.einsum(self_, a, b)
+            nngp = torch.einsum(self_, a, b)
         else:
             nngp = torch.einsum(f"i{p}c,j{q}c->ij{pair}", a, b)
+        var1 = var2 = None if same else (torch.einsum(self_, a, a).contiguous(), torch.einsum(self_, b, b).contiguous())
     else:
-        var1 = (a * a).sum(-1)
-        var2 = var1 if same else (b * b).sum(-1)
         if pairwise:
-            nngp = var1 if same else (a * b).sum(-1)
+            nngp = (a * b).sum(-1)
         else:
             nngp = torch.einsum(f"i{p}c,j{p}c->ij{p}", a, b)
+        var1 = var2 = None if same else ((a * a).sum(-1), (b * b).sum(-1))
+    nngp = nngp.contiguous()  # einsum may return a permuted view; every later pass would pay for it
+    if same:  # the self-kernels are the diagonal pairs of nngp (tied views)
+        st = KernelState(nngp=nngp, ntk=ntk, var1=nngp, var2=nngp, width=width, gaussian=False,
+                         shape=tuple(a.shape[1:-1]), pixel_pairs=pixel_pairs, tied=True)
+        return st.replace(**_tied_vars(nngp, pairwise))
+    var1, var2 = var1
     if not pairwise:
-        if same:  # identical points: Sigma(x, x) is exactly the variance
-            torch.diagonal(nngp, 0, 0, 1).copy_(var1.movedim(0, -1))
         var1, var2 = var1.unsqueeze(1), var2.unsqueeze(0)
     return KernelState(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=width, gaussian=False,
                        shape=tuple(a.shape[1:-1]), pixel_pairs=pixel_pairs)

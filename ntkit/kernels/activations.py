@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .._validation import ConfigError
-from ._state import KernelState
+from ._state import KernelState, scratch
 from .layers import Layer
 
 __all__ = [
@@ -65,7 +65,8 @@ def _correlation(cov: torch.Tensor, var1: torch.Tensor, var2: torch.Tensor):
         sq = torch.mul(s1, s2)
         rho = torch.where(sq > 0, cov / sq.clamp_min(torch.finfo(cov.dtype).tiny), torch.zeros_like(cov))
         return rho.mul_(1.0 + 4 * eps).clamp_(-1.0, 1.0), s1, s2
-    rho = torch.mul(cov, (1.0 + 4 * eps) / s1).mul_(torch.reciprocal(s2)).clamp_(-1.0, 1.0)
+    rho = torch.mul(cov, (1.0 + 4 * eps) / s1, out=scratch(torch.broadcast_shapes(cov.shape, s1.shape), cov))
+    rho = rho.mul_(torch.reciprocal(s2)).clamp_(-1.0, 1.0)
     return rho, s1, s2
 
 
@@ -103,13 +104,17 @@ class Activation(Layer):
             )
         q1, q2 = k.marginals()  # per-position variances: pointwise on images too
         nngp, dot = self.dual(k.nngp, q1, q2, derivative=k.ntk is not None)
-        ntk = None if k.ntk is None else k.ntk * dot
-        if k.pixel_pairs:  # each sample's own position-pair covariance goes through the same dual
-            var1 = self.dual(k.var1, *k.self_marginals(k.var1), derivative=False)[0]
-            var2 = self.dual(k.var2, *k.self_marginals(k.var2), derivative=False)[0]
+        if k.ntk is None:
+            ntk = None
+        elif isinstance(k.ntk, torch.Tensor) and isinstance(dot, torch.Tensor):
+            ntk = torch.mul(k.ntk, dot, out=scratch(torch.broadcast_shapes(k.ntk.shape, dot.shape), dot))
         else:
-            var1, var2 = self.variance(k.var1), self.variance(k.var2)
-        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, gaussian=False, fresh=False)
+            ntk = k.ntk * dot
+        if k.pixel_pairs:  # each sample's own position-pair covariance goes through the same dual
+            self_fn = lambda v: self.dual(v, *k.self_marginals(v), derivative=False)[0]  # noqa: E731
+        else:
+            self_fn = self.variance
+        return k.update(nngp, ntk, self_fn, gaussian=False, fresh=False)
 
     def build_module(self, in_features, ctx):
         return _ActivationModule(self), in_features
@@ -164,7 +169,7 @@ class ABRelu(Activation):
             return out, (torch.full_like(out, d0) if derivative else None)
         rho, s1, s2 = _correlation(cov, var1, var2)
         # D = d0 - k * theta, in place on theta's buffer (one pass)
-        dmat = torch.acos(rho)
+        dmat = torch.acos(rho, out=scratch(rho.shape, rho))
         dmat = torch.add(torch.tensor(d0, dtype=dmat.dtype, device=dmat.device), dmat, alpha=-k, out=dmat)
         # k sqrt(q1 q2) sin(theta), sin(theta) = sqrt(1 - rho^2) exactly 0 at rho = +-1, in rho's buffer
         one = torch.ones((), dtype=rho.dtype, device=rho.device)

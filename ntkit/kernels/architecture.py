@@ -189,9 +189,10 @@ class Architecture:
         return cfg
 
     def with_width(self, width: int | Sequence[int] | None = None, out_dim: int | None = None) -> "Architecture":
-        """The same description with hidden widths (every Dense but the last) and/or readout width set.
+        """The same description with hidden widths (every Dense and every Conv's channels, but the last
+        Dense) and/or readout width set.
 
-        ``width`` is an int (all hidden layers) or a sequence with one entry per hidden Dense, in
+        ``width`` is an int (all hidden layers) or a sequence with one entry per hidden Dense/Conv, in
         order. In the NTK parameterization widths do not change the kernels; in the standard
         parameterization they do.
         """
@@ -244,6 +245,7 @@ class Architecture:
         layout: str = "NHWC",
         pixel_pairs: bool | None = None,
         progress: bool = False,
+        init: str = "gaussian",
     ):
         """Exact infinite-width NNGP and/or NTK between the rows of ``x1`` and ``x2``.
 
@@ -286,6 +288,11 @@ class Architecture:
             numbers, more work); False refuses architectures with pooling.
         progress : bool
             Draw a progress bar over the tiles (only on a terminal).
+        init : {"gaussian", "orthogonal"}
+            The initialization of the finite twin (:meth:`init`) whose limit is computed. Gaussian and
+            Haar-orthogonal dense layers have the same limit (Huang et al. 2021); delta-orthogonal
+            convolutions (Xiao et al. 2018) do not -- their forward map at initialization is the centre tap
+            alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers.
 
         Returns
         -------
@@ -295,7 +302,10 @@ class Architecture:
         if width is not None:
             return self.with_width(width).kernel(x1, x2, get, diagonal=diagonal, dtype=dtype, device=device,
                                                  memory_budget=memory_budget, block_size=block_size,
-                                                 layout=layout, pixel_pairs=pixel_pairs, progress=progress)
+                                                 layout=layout, pixel_pairs=pixel_pairs, progress=progress,
+                                                 init=init)
+        if init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {init!r}")
         dt = resolve_dtype(dtype)
         if recurrent.is_sequence_architecture(self.layers):  # x1, x2: lists of (T_i, d) sequences
             with torch.no_grad():
@@ -315,9 +325,9 @@ class Architecture:
             if t2 is not None and t2.shape[0] != t1.shape[0]:
                 raise ValueError(f"diagonal=True pairs row i of x1 with row i of x2, but x1 has {t1.shape[0]} "
                                  f"rows and x2 has {t2.shape[0]}")
-            result = self._diagonal(t1, t2, names, switch, memory_budget, progress)
+            result = self._diagonal(t1, t2, names, switch, memory_budget, progress, init)
         else:
-            result = self._matrix(t1, t2, names, memory_budget, block_size, switch, progress)
+            result = self._matrix(t1, t2, names, memory_budget, block_size, switch, progress, init)
         if single:
             return result[names[0]]
         return _kernels_tuple(names)(**result)
@@ -396,8 +406,18 @@ class Architecture:
                               "pixel_pairs=None")
         return 0
 
-    def _run(self, st: KernelState, ctx: KernelContext, switch: int) -> KernelState:
-        for i, lay in enumerate(self.layers):
+    def _input_plan(self, t: torch.Tensor, init: str) -> tuple[torch.Tensor, tuple]:
+        """Inputs for the tile loop and the layer list to run on them. A leading Gaussian conv is folded into
+        the input step: its filter windows (im2col patches) become the features and the layer a 1x1 conv,
+        which gives the same kernel from one matrix product per tile."""
+        layers = self.layers
+        first = layers[0]
+        if t.ndim > 2 and isinstance(first, Conv) and init == "gaussian" and first.filter_shape != (1,) * (t.ndim - 2):
+            return first.patches(t), (first.pointwise(),) + tuple(layers[1:])
+        return t, layers
+
+    def _run(self, st: KernelState, ctx: KernelContext, switch: int, layers=None) -> KernelState:
+        for i, lay in enumerate(self.layers if layers is None else layers):
             if i == switch:
                 st = drop_pixel_pairs(st)
             st = lay.apply_kernel(st, ctx)
@@ -410,7 +430,7 @@ class Architecture:
 
     @staticmethod
     def _per_pair(t: torch.Tensor, pixel_pairs: bool) -> int:
-        """Numbers per pair of inputs in the kernel state (1, H W or (H W)^2) and the scaled inputs."""
+        """Numbers per pair of inputs in the kernel state: 1 (flat), H W (diagonal) or (H W)^2 (pixel pairs)."""
         if t.ndim == 2:
             return 1
         p = int(math.prod(t.shape[1:-1]))
@@ -424,7 +444,7 @@ class Architecture:
     def _width0(self, t: torch.Tensor) -> int:
         return int(t.shape[-1])
 
-    def _diagonal(self, t1, t2, names, switch, memory_budget, progress_flag):
+    def _diagonal(self, t1, t2, names, switch, memory_budget, progress_flag, init="gaussian"):
         n = t1.shape[0]
         item = t1.element_size()
         per = self._per_pair(t1, switch > 0)
@@ -432,14 +452,16 @@ class Architecture:
         chunk = n if per == 1 else max(1, min(n, int(budget // (_LIVE_TILES * per * item * 3))))
         check_memory(_LIVE_TILES * chunk * per * item * 3 + len(names) * n * item, budget,
                      f"the diagonal kernel ({per} numbers per pair)", "pass a larger memory_budget")
+        t1, layers = self._input_plan(t1, init)
+        t2 = None if t2 is None else self._input_plan(t2, init)[0]
         a, b = self._scaled(t1), None if t2 is None else self._scaled(t2)
-        ctx = KernelContext(self.parameterization)
+        ctx = KernelContext(self.parameterization, init)
         outs = {name: empty_output((n,), t1.dtype, t1.device) for name in names}
         for i0 in progress(range(0, n, chunk), desc="kernel diagonal", unit="chunk", enabled=progress_flag):
             i1 = min(i0 + chunk, n)
             st = input_state(a[i0:i1], None if b is None else b[i0:i1], pairwise=True, pixel_pairs=switch > 0,
                              need_ntk="ntk" in names, width=self._width0(t1))
-            st = self._run(st, ctx, switch)
+            st = self._run(st, ctx, switch, layers)
             for name in names:
                 outs[name][i0:i1] = self._field(st, name, st.nngp)
         for name, val in outs.items():
@@ -457,7 +479,7 @@ class Architecture:
             val = val.expand_as(like)
         return val
 
-    def _matrix(self, t1, t2, names, memory_budget, block_size, switch, progress_flag):
+    def _matrix(self, t1, t2, names, memory_budget, block_size, switch, progress_flag, init="gaussian"):
         same = t2 is None
         n1 = t1.shape[0]
         d = int(math.prod(t1.shape[1:]))
@@ -493,18 +515,20 @@ class Architecture:
                      f"kernel blocks of {block}x{block} input pairs ({per} numbers per pair)",
                      "pass a smaller block_size or a larger memory_budget")
 
+        t1, layers = self._input_plan(t1, init)
+        t2 = None if same else self._input_plan(t2, init)[0]
         xs1 = self._scaled(t1)
         xs2 = xs1 if same else self._scaled(t2)
         need_ntk = "ntk" in names
         outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
-        ctx = KernelContext(self.parameterization)
+        ctx = KernelContext(self.parameterization, init)
         tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
         for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=progress_flag):
             i1, j1 = min(i0 + block, n1), min(j0 + block, n2)
             diag_tile = same and i0 == j0
             st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=False,
                              pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1))
-            st = self._run(st, ctx, switch)
+            st = self._run(st, ctx, switch, layers)
             for name in names:
                 tile = self._field(st, name, st.nngp)
                 if not bool(torch.isfinite(tile.sum())):  # NaN/Inf propagate through the sum

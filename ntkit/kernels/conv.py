@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._validation import ConfigError, check_nonnegative
-from ._state import KernelState
+from ._state import KernelState, scratch
 from .layers import BuildContext, KernelContext, Layer, SpatialShape, _orthogonal, _scales
 
 __all__ = ["Conv", "ConvModule", "window_sum", "conv_geometry", "PADDINGS"]
@@ -66,22 +66,43 @@ def window_sum(t: torch.Tensor, axes: tuple, size: int, f: int, s: int, pad: int
             spans.append((lo, hi, start))
     # start from an offset that covers the whole output (the centre tap for SAME): no zero fill
     spans.sort(key=lambda sp: (sp[0] != 0 or sp[1] != out - 1))
-    res = None
-    for lo, hi, start in spans:
-        src = [slice(None)] * t.ndim
-        dst = [slice(None)] * t.ndim
+
+    def index(lo, hi, start):
+        src, dst = [slice(None)] * t.ndim, [slice(None)] * t.ndim
         for a in axes:
             src[a] = slice(lo * s + start, hi * s + start + 1, s)
             dst[a] = slice(lo, hi + 1)
-        piece = t[tuple(src)]
-        if res is None:
-            if lo == 0 and hi == out - 1:
-                res = piece.clone(memory_format=torch.contiguous_format)
-                continue
-            res = t.new_zeros(shape)
-        res[tuple(dst)] += piece
-    if res is None:
-        res = t.new_zeros(shape)
+        return tuple(src), tuple(dst)
+
+    if not spans:
+        return t.new_zeros(shape)
+    lo0, hi0, start0 = spans[0]
+    res = scratch(shape, t)
+    if lo0 == 0 and hi0 == out - 1:
+        centre = t[index(lo0, hi0, start0)[0]]
+        if len(spans) == 1:
+            res.copy_(centre)
+            return res
+        # centre + the next offset in one pass over their overlap; the centre alone on the border strips
+        lo, hi, start = spans[1]
+        src, dst = index(lo, hi, start)
+        torch.add(centre[dst], t[src], out=res[dst])
+        for k, a in enumerate(axes):
+            for part in (slice(0, lo), slice(hi + 1, out)):
+                if part.stop <= part.start:
+                    continue
+                idx = [slice(None)] * t.ndim
+                for b in axes[:k]:
+                    idx[b] = slice(lo, hi + 1)
+                idx[a] = part
+                res[tuple(idx)] = centre[tuple(idx)]
+        rest = spans[2:]
+    else:
+        res.zero_()
+        rest = spans
+    for lo, hi, start in rest:
+        src, dst = index(lo, hi, start)
+        res[dst] += t[src]
     return res
 
 
@@ -123,6 +144,12 @@ class Conv(Layer):
     (standard parameterization: the NTK depends on the fan-in C_in F; Lee et al. 2019, App. C).
     The finite twin (:class:`ConvModule`) is z = (W_std / sqrt(C_in F)) W * x + b_std b with W, b ~ N(0, 1)
     (NTK) or W ~ N(0, W_std^2 / (C_in F)), b ~ N(0, b_std^2) (standard).
+
+    With ``init="orthogonal"`` the twin gets delta-orthogonal filters (Xiao et al. 2018, Alg. 2): a
+    Haar-orthogonal matrix at the centre tap, zeros elsewhere. Its limit is not the Gaussian one: the
+    forward map sees the centre tap only, Sigma' = W_std^2 Sigma(p s + c - pad, p' s + c - pad) + b_std^2,
+    and Theta' = [W_std^2 Sbar + b_std^2] + W_std^2 Theta(centre) -- the gradient with respect to all taps
+    still averages over the window (``arch.kernel(..., init="orthogonal")``).
     """
 
     out_chan: int | None = None
@@ -175,7 +202,8 @@ class Conv(Layer):
         if not isinstance(t, torch.Tensor):
             return t
         for d, (n, f, s, pad, o) in enumerate(geo):
-            t = window_sum(t, k.spatial_axes(d), n, f, s, pad, o)
+            if not (f == 1 and s == 1 and pad == 0 and o == n):  # a 1x1 window is the identity
+                t = window_sum(t, k.spatial_axes(d), n, f, s, pad, o)
         return t
 
     # -- infinite width ---------------------------------------------------------------------------------
@@ -187,29 +215,93 @@ class Conv(Layer):
         F = math.prod(self.filter_shape)
         w2 = self.W_std**2 / F
         b2 = 0.0 if self.b_std is None else self.b_std**2
+        b2t = torch.tensor(b2, dtype=k.nngp.dtype, device=k.nngp.device)
+        standard = ctx.parameterization == "standard" and k.ntk is not None and self.trainable
+
+        def affine(t):  # W_std^2 / F * (sum over offsets) + b_std^2, in one pass
+            s = self._filter(t, k, geo)
+            return torch.add(b2t, s, alpha=w2, out=s if s is not t else None)
+
+        if ctx.init == "orthogonal":
+            return self._delta_orthogonal_kernel(k, ctx, geo, b2t)
         s_sum = self._filter(k.nngp, k, geo)
-        nngp = torch.mul(s_sum, w2).add_(b2)
-        # var1/var2 go through the same operations as nngp (bitwise, as in Dense)
-        var1 = torch.mul(self._filter(k.var1, k, geo), w2).add_(b2)
-        var2 = var1 if k.var2 is k.var1 else torch.mul(self._filter(k.var2, k, geo), w2).add_(b2)
+        owned = s_sum is not k.nngp  # never write into the input state (branches may share it)
+        nngp = torch.add(b2t, s_sum, alpha=w2, out=s_sum if owned and not standard else None)
         ntk = k.ntk
         if ntk is not None:
             t_sum = self._filter(ntk, k, geo)
             if not self.trainable:
                 ntk = t_sum * w2 if isinstance(t_sum, torch.Tensor) else 0.0
             elif ctx.parameterization == "ntk":
-                ntk = nngp.clone() if not isinstance(t_sum, torch.Tensor) else torch.add(nngp, t_sum, alpha=w2)
+                ntk = nngp.clone() if not isinstance(t_sum, torch.Tensor) else torch.add(
+                    nngp, t_sum, alpha=w2, out=t_sum if t_sum is not k.ntk else None)
             else:
                 if k.width is None:
                     raise ConfigError("the standard-parameterization NTK of a conv depends on its number of input "
                                       "channels; give every hidden conv an out_chan (or pass width=).")
-                ntk = s_sum.mul_(float(k.width))  # C_in F Sbar = C_in * (sum over offsets)
+                ntk = s_sum * float(k.width)  # C_in F Sbar = C_in * (sum over offsets)
                 if isinstance(t_sum, torch.Tensor):
                     ntk.add_(t_sum, alpha=w2)
                 if self.b_std is not None:
                     ntk.add_(1.0)
-        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2, width=self.out_chan, gaussian=True, fresh=True,
-                         deps=frozenset(), shape=tuple(g[4] for g in geo))
+        # the self-kernels go through the same operations as nngp (bitwise, as in Dense)
+        return k.update(nngp, ntk, affine, width=self.out_chan, gaussian=True, fresh=True, deps=frozenset(),
+                        shape=tuple(g[4] for g in geo))
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The filter windows of channels-last inputs ``(n, *size, C)`` as features ``(n, *out_size, F C)``
+        (zero padding included), so that the first convolution's input kernel is a plain Gram of patches:
+        Sbar(x, x'; p, p') = (1 / F) sum_o Sigma0(p s + o - pad, p' s + o - pad) = patch(p) . patch'(p') / (F C)
+        -- one matrix product instead of building Sigma0 and filtering it (im2col)."""
+        geo = self.geometry(tuple(x.shape[1:-1]))
+        pads = []
+        for n, f, s, pad, o in reversed(geo):
+            total = max((o - 1) * s + f - n, 0) if self.padding == "SAME" else 0
+            pads += [pad, total - pad]
+        x = torch.nn.functional.pad(x, [0, 0] + pads) if any(pads) else x
+        for d, (n, f, s, pad, o) in enumerate(geo):
+            x = x.unfold(1 + d, f, s)  # appends the window axis
+            x = x.narrow(1 + d, 0, o)
+        return x.reshape(*x.shape[:1 + len(geo)], -1)
+
+    def pointwise(self) -> "Conv":
+        """The same layer as a 1x1 convolution (to be applied to :meth:`patches`)."""
+        return Conv(self.out_chan, (1,) * len(self.filter_shape), None, "VALID", self.W_std, self.b_std,
+                    self.trainable)
+
+    def _delta_orthogonal_kernel(self, k: KernelState, ctx: KernelContext, geo, b2t) -> KernelState:
+        """Limit of the delta-orthogonal twin (Xiao et al. 2018): at initialization only the centre tap
+        c = f // 2 is non-zero, so the forward map -- NNGP and the back-propagated NTK -- sees the input at
+        position p s + c - pad alone (Sigma' = W_std^2 Sigma_c + b_std^2, Theta' gets W_std^2 Theta_c), while
+        the gradient with respect to *all* filter taps still contributes the offset average W_std^2 Sbar +
+        b_std^2 (NTK parameterization; C_in F Sbar + 1[bias] in the standard one), as for Gaussian filters."""
+        w2 = self.W_std**2
+        centre_geo = [(n, 1, s, pad - f // 2, o) for (n, f, s, pad, o) in geo]
+
+        def centre(t):
+            return self._filter(t, k, centre_geo)
+
+        def affine(t):
+            return torch.add(b2t, centre(t), alpha=w2)
+
+        nngp = affine(k.nngp)
+        ntk = k.ntk
+        if ntk is not None:
+            back = centre(ntk)
+            back = back * w2 if isinstance(back, torch.Tensor) else 0.0
+            if self.trainable:
+                s_sum = self._filter(k.nngp, k, geo)
+                if ctx.parameterization == "ntk":
+                    grad = torch.add(b2t, s_sum, alpha=w2 / math.prod(self.filter_shape))
+                else:
+                    if k.width is None:
+                        raise ConfigError("the standard-parameterization NTK of a conv depends on its number of "
+                                          "input channels; give every hidden conv an out_chan (or pass width=).")
+                    grad = (s_sum * float(k.width)).add_(1.0 if self.b_std is not None else 0.0)
+                back = grad + back
+            ntk = back
+        return k.update(nngp, ntk, affine, width=self.out_chan, gaussian=True, fresh=True, deps=frozenset(),
+                        shape=tuple(g[4] for g in geo))
 
     # -- finite width -----------------------------------------------------------------------------------
     def build_module(self, in_features, ctx: BuildContext):

@@ -53,9 +53,12 @@ class SpatialShape:
 
 @dataclass
 class KernelContext:
-    """Settings shared by all layers while computing kernels."""
+    """Settings shared by all layers while computing kernels: the parameterization, and the weight
+    initialization of the finite twin whose limit is computed (only delta-orthogonal convolutions,
+    ``init="orthogonal"``, have a limit of their own)."""
 
     parameterization: str
+    init: str = "gaussian"
 
 
 class Layer:
@@ -329,16 +332,12 @@ class FanInSum(Layer):
                 "the usual residual block x + Dense(phi(Dense(x))) (ntkit.residual(Dense, act, Dense)).")
         ntks = [k.ntk for k in ks]
         ntk = None if any(t is None for t in ntks) else sum(ntks[1:], ntks[0])
-        return ks[0].replace(
-            nngp=sum((k.nngp for k in ks[1:]), ks[0].nngp),
-            ntk=ntk,
-            var1=sum((k.var1 for k in ks[1:]), ks[0].var1),
-            var2=sum((k.var2 for k in ks[1:]), ks[0].var2),
-            width=next(iter(widths)) if widths else None,
-            gaussian=all(k.gaussian for k in ks),
-            deps=frozenset().union(*(k.deps for k in ks)),
-            fresh=all(k.fresh for k in ks),
-        )
+        vsum = lambda attr: sum((getattr(k, attr) for k in ks[1:]), getattr(ks[0], attr))  # noqa: E731
+        common = dict(width=next(iter(widths)) if widths else None, gaussian=all(k.gaussian for k in ks),
+                      deps=frozenset().union(*(k.deps for k in ks)), fresh=all(k.fresh for k in ks))
+        if all(k.tied for k in ks):  # self-kernels: views of the summed kernel's diagonal pairs
+            return ks[0].update(vsum("nngp"), ntk, None, **common)
+        return ks[0].replace(nngp=vsum("nngp"), ntk=ntk, var1=vsum("var1"), var2=vsum("var2"), tied=False, **common)
 
     def build_module(self, in_features, ctx):
         if not isinstance(in_features, tuple):

@@ -49,15 +49,11 @@ class LayerNorm(Layer):
         r1, r2 = torch.rsqrt(q1 + self.eps), torch.rsqrt(q2 + self.eps)
         nngp = k.nngp * r1 * r2
         ntk = k.ntk * r1 * r2 if isinstance(k.ntk, torch.Tensor) else k.ntk
-        if k.pixel_pairs:
-            def norm(v):
-                a, b = k.self_marginals(v)
-                return v * torch.rsqrt(a + self.eps) * torch.rsqrt(b + self.eps)
-            var1 = norm(k.var1)
-            var2 = var1 if k.var2 is k.var1 else norm(k.var2)
-        else:
-            var1, var2 = k.var1 * r1 * r1, k.var2 * r2 * r2
-        return k.replace(nngp=nngp, ntk=ntk, var1=var1, var2=var2)
+        def norm(v):
+            a, b = k.self_marginals(v) if k.pixel_pairs else (v, v)
+            return v * torch.rsqrt(a + self.eps) * torch.rsqrt(b + self.eps)
+
+        return k.update(nngp, ntk, norm)
 
     def build_module(self, in_features, ctx):
         return _LayerNormModule(self.eps), in_features

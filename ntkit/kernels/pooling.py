@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._validation import ConfigError
-from ._state import KernelState, to_diagonal
+from ._state import KernelState, drop_pixel_pairs
 from .conv import PADDINGS, _tuple, conv_geometry, window_sum
 from .layers import Layer, SpatialShape
 
@@ -98,9 +98,7 @@ class AvgPool(Layer):
                     t = window_sum(t, (ax,), n, f, s, pad, o)
             return t.mul_(scale)
 
-        var1 = pool(k.var1)
-        return k.replace(nngp=pool(k.nngp), ntk=pool(k.ntk), var1=var1,
-                         var2=var1 if k.var2 is k.var1 else pool(k.var2), shape=tuple(g[3] for g in geo))
+        return k.update(pool(k.nngp), pool(k.ntk), pool, shape=tuple(g[3] for g in geo))
 
     def build_module(self, in_features, ctx):
         if not isinstance(in_features, SpatialShape):
@@ -149,10 +147,8 @@ class GlobalAvgPool(Layer):
         if not k.pixel_pairs:
             raise ConfigError("global_avg_pool needs the covariances of all pairs of positions; do not pass "
                               "pixel_pairs=False for an architecture with pooling")
-        var1 = _mean_over_space(k.var1, k)
-        return k.replace(nngp=_mean_over_space(k.nngp, k), ntk=_mean_over_space(k.ntk, k), var1=var1,
-                         var2=var1 if k.var2 is k.var1 else _mean_over_space(k.var2, k), shape=(),
-                         pixel_pairs=False)
+        mean = lambda t: _mean_over_space(t, k)  # noqa: E731
+        return k.update(mean(k.nngp), mean(k.ntk), mean, shape=(), pixel_pairs=False)
 
     def build_module(self, in_features, ctx):
         if not isinstance(in_features, SpatialShape):
@@ -183,12 +179,10 @@ class Flatten(Layer):
         k = _spatial(k, "flatten")
         if not k.shape:
             return k
-        diag = k.replace(nngp=to_diagonal(k.nngp, k), ntk=to_diagonal(k.ntk, k), var1=to_diagonal(k.var1, k),
-                         var2=to_diagonal(k.var2, k), pixel_pairs=False)
-        var1 = _mean_over_space(diag.var1, diag)
-        return diag.replace(nngp=_mean_over_space(diag.nngp, diag), ntk=_mean_over_space(diag.ntk, diag),
-                            var1=var1, var2=var1 if k.var2 is k.var1 else _mean_over_space(diag.var2, diag),
-                            shape=(), width=None if k.width is None else k.width * math.prod(k.shape))
+        diag = drop_pixel_pairs(k)
+        mean = lambda t: _mean_over_space(t, diag)  # noqa: E731
+        return diag.update(mean(diag.nngp), mean(diag.ntk), mean, shape=(),
+                           width=None if k.width is None else k.width * math.prod(k.shape))
 
     def build_module(self, in_features, ctx):
         if not isinstance(in_features, SpatialShape):

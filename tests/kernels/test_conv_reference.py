@@ -63,3 +63,13 @@ def test_memory_budget_bounds_the_tile(single_thread):
     assert _err(small, z["nngp_x2_x2"]) < 1e-6
     with pytest.raises(ntkit.MemoryBudgetError):
         arch.kernel(z["x2"], get="nngp", memory_budget=1e4)
+
+
+def test_progress_bar_is_silent_off_a_terminal(capsys, single_thread):
+    cfg, z = load_reference(REFERENCE_DIR / "101_conv_valid_relu_flatten_6x6x1_ntk.npz")
+    arch = ntkit.from_config(cfg)
+    k = arch.kernel(z["x2"], get="ntk", block_size=4, progress=True)
+    assert _err(k, z["ntk_x2_x2"]) < 1e-6
+    d = arch.kernel(z["x2"], get="ntk", diagonal=True, progress=True)
+    assert _err(d, np.diag(z["ntk_x2_x2"])) < 1e-6
+    assert capsys.readouterr().err == ""

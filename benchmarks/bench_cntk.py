@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Analytic CNTK (NNGP + NTK of a convolutional ReLU net): ntkit vs neural-tangents, side by side in one run.
+
+The network and inputs are exactly those of ../shared/tools/neural_tangents/bench.py --cntk: NTK
+parameterization, DEPTH x [Conv(64, 3x3, SAME, W_std=sqrt(2), b_std=0.05) + Relu], then GlobalAvgPool ("gap")
+or Flatten ("flatten"), then Dense(1, W_std=sqrt(2), b_std=0.05); NHWC inputs
+np.random.default_rng(0).standard_normal((N, H, W, C)). Timing as there: one warm-up call, then the median of 3
+calls of kernel(x, x, ("nngp", "ntk")); per kernel entry = seconds / N^2. Each ntkit measurement runs in a fresh
+subprocess so that its peak resident memory (ru_maxrss, minus the process's size before the call) is its own;
+ntkit runs with one torch thread and a stated ``memory_budget`` for its tiles, neural-tangents with XLA's default
+threading. The values of both kernels are compared with the ones neural-tangents saves (--save).
+
+Then a CNTK-GAP Gram matrix on MNIST digits (../shared/data/mnist, 2x2 average-pooled to 14x14x1) and the
+accuracy of kernel regression (t = infinity, ntkit.dynamics.gradient_descent_mse, one-hot targets) on held-out
+digits.
+
+Usage (from the repository root):
+    NT=$(bash ../shared/tools/neural_tangents/setup.sh | tail -n 1)
+    .venv/bin/python benchmarks/bench_cntk.py --nt "$NT" [--skip-nt] [--mnist-train 1000 --mnist-test 1000]
+
+Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+def cnn(depth: int, readout: str):
+    import ntkit
+
+    layers = []
+    for _ in range(depth):
+        layers += [ntkit.Conv(64, (3, 3), padding="SAME", W_std=2**0.5, b_std=0.05), ntkit.Relu()]
+    layers += [ntkit.GlobalAvgPool() if readout == "gap" else ntkit.Flatten(), ntkit.Dense(1, 2**0.5, 0.05)]
+    return ntkit.serial(*layers)
+
+
+def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save):
+    """Runs in a fresh subprocess: time ntkit on the benchmark inputs and report its peak memory."""
+    import torch
+
+    torch.set_num_threads(1)
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    arch = cnn(depth, readout)
+    x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(np.float32 if dtype == "float32" else None)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    arch.kernel(x, dtype=dt, memory_budget=budget)  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        k = arch.kernel(x, dtype=dt, memory_budget=budget)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    np.savez(save, nngp=k.nngp.double().numpy(), ntk=k.ntk.double().numpy())
+    med = statistics.median(times)
+    return {"lib": "ntkit", "readout": readout, "n": n, "shape": [h, w, c], "depth": depth, "dtype": dtype,
+            "seconds": round(med, 6), "seconds_per_entry": med / n**2, "all_seconds": [round(t, 4) for t in times],
+            "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": 1}
+
+
+def run_ntkit(args, n, readout, dtype, save):
+    cmd = [sys.executable, __file__, "--one", json.dumps([n, 28, 28, 1, args.depth, readout, dtype, args.budget, save])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_nt(args, n, readout, dtype, save):
+    cmd = [args.nt, str(args.tool)] + (["--x64"] if dtype == "float64" else []) + \
+        ["--cntk", str(n), "28", "28", "1", str(args.depth), readout, "--save", save]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(a_path, b_path):
+    a, b = np.load(a_path), np.load(b_path)
+    return {k: float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in ("nngp", "ntk")}
+
+
+def mnist_gram(args):
+    import torch
+
+    import ntkit
+    from ntkit.dynamics import gradient_descent_mse
+    from ntkit.experiments.data import load_mnist
+
+    torch.set_num_threads(1)
+    images, labels = load_mnist(args.mnist, n=args.mnist_train + args.mnist_test)
+    x = images.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4))[..., None]  # 2x2 average pooling -> 14x14x1
+    x = (x - x.mean()) / x.std()
+    xtr, xte = x[: args.mnist_train], x[args.mnist_train:]
+    ytr, yte = labels[: args.mnist_train], labels[args.mnist_train:]
+    arch = cnn(args.depth, "gap")
+    dt = torch.float32 if args.mnist_dtype == "float32" else torch.float64
+    t0 = time.perf_counter()
+    k_tt = arch.kernel(xtr, get="ntk", dtype=dt, memory_budget=args.budget)
+    t_gram = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    k_st = arch.kernel(xte, xtr, get="ntk", dtype=dt, memory_budget=args.budget)
+    t_cross = time.perf_counter() - t0
+    onehot = np.eye(10)[ytr] - 0.1
+    pred = gradient_descent_mse(k_tt.double(), onehot, diag_reg=1e-4).predict(float("inf"), k_st.double())
+    acc = float((np.asarray(pred.test).reshape(len(yte), 10).argmax(1) == yte).mean())
+    n = args.mnist_train
+    per_entry = t_gram / (n * (n + 1) / 2)  # symmetric: the upper triangle of tiles is computed
+    return {"lib": "ntkit", "kind": "mnist_cntk_gap_14x14", "dtype": args.mnist_dtype, "n_train": n,
+            "n_test": len(yte), "gram_seconds": round(t_gram, 2), "cross_seconds": round(t_cross, 2),
+            "seconds_per_unique_entry": per_entry,
+            "extrapolated_1000x1000_gram_seconds": round(per_entry * 1000 * 1001 / 2, 1),
+            "kernel_regression_test_accuracy": acc, "threads": 1, "memory_budget": args.budget}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nt", help="python of the neural-tangents environment (../shared/tools/neural_tangents/setup.sh)")
+    ap.add_argument("--tool", default=SHARED / "tools" / "neural_tangents" / "bench.py")
+    ap.add_argument("--skip-nt", action="store_true")
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--n-gap", type=int, default=4)
+    ap.add_argument("--n-flatten", type=int, default=64)
+    ap.add_argument("--dtypes", default="float32,float64")
+    ap.add_argument("--budget", type=float, default=1.5e9, help="ntkit memory_budget in bytes")
+    ap.add_argument("--mnist", default=SHARED / "data" / "mnist")
+    ap.add_argument("--mnist-train", type=int, default=1000)
+    ap.add_argument("--mnist-test", type=int, default=1000)
+    ap.add_argument("--mnist-dtype", default="float32")
+    ap.add_argument("--skip-mnist", action="store_true")
+    ap.add_argument("--only-mnist", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_ntkit(*json.loads(args.one))))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cntk_"))
+    if not args.only_mnist:
+        for readout, n in (("gap", args.n_gap), ("flatten", args.n_flatten)):
+            for dtype in args.dtypes.split(","):
+                mine = run_ntkit(args, n, readout, dtype, str(tmp / f"ntkit_{readout}_{dtype}.npz"))
+                print(json.dumps(mine), flush=True)
+                if args.skip_nt or not args.nt:
+                    continue
+                ref = run_nt(args, n, readout, dtype, str(tmp / f"nt_{readout}_{dtype}.npz"))
+                print(json.dumps(ref), flush=True)
+                print(json.dumps({"readout": readout, "dtype": dtype, "n": n,
+                                  "speedup_per_entry": ref["seconds_per_entry"] / mine["seconds_per_entry"],
+                                  "max_rel_diff_vs_nt": compare(tmp / f"ntkit_{readout}_{dtype}.npz",
+                                                                tmp / f"nt_{readout}_{dtype}.npz")}), flush=True)
+    if not args.skip_mnist:
+        print(json.dumps(mnist_gram(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
