@@ -201,7 +201,8 @@ class Architecture:
         ----------
         x1, x2 : array_like, shape (n1, d) and (n2, d)
             Inputs, batch first (numpy or torch; trailing dimensions are flattened). ``x2=None``
-            means ``x1``.
+            means ``x1``. For an architecture that starts with an :class:`~ntkit.RNN`: lists of
+            (T_i, d) sequences of any lengths, or (n, T, d) arrays (see ``ntkit.kernels.recurrent``).
         get : "nngp", "ntk" or a tuple of them
             A name returns a tensor; a tuple returns a namedtuple with those fields.
         diagonal : bool
