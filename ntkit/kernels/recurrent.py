@@ -658,8 +658,12 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     n1, n2 = s1.values.shape[0], s2.values.shape[0]
     t1, t2 = s1.values.shape[1], s2.values.shape[1]
     # memory per pair of sequences in a tile: full time grids (grid mode) or per-step scalars (chain mode)
-    per_layer = (6 + (4 if any(r.bidirectional for r in stack) else 0)) * (2 if need_ntk else 1)
-    per_pair = (t1 * t2 * per_layer + 16) * item if not chain else (24 * len(stack) + 8) * item
+    # live (T1, T2) grids per pair: the layer's input and output kernels (x2 with the NTK), the reversed
+    # copies of a bidirectional layer, twice that while a stack hands over, +2 for rows and readouts
+    # (measured peaks: 50-75% of this bound for one and two layers, uni- and bidirectional)
+    per_layer = (2 + (2 if any(r.bidirectional for r in stack) else 0)) * (2 if need_ntk else 1)
+    per_pair = (t1 * t2 * (per_layer * (2 if len(stack) > 1 else 1) + 2) + 16) * item \
+        if not chain else (24 * len(stack) + 8) * item
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(s1.values.device)
     out_bytes = (n1 if diagonal else n1 * n2) * len(names) * item
     check_memory(out_bytes, budget, f"the {n1}x{n2} kernel{'s' if len(names) > 1 else ''} in {s1.values.dtype}",
