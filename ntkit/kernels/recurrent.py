@@ -575,8 +575,8 @@ def _stack_chain(stack, terms, v1, v2, m1, m2, q1, q2, pairwise, need_ntk, d):
     """Readout kernels for a unidirectional stack with readout "last": one chain per pair along the time
     diagonal ending at (T, T'), both sequences end-aligned in a common frame (padding at the start)."""
     t_frame = v1.shape[1]
-    mm = (m1[:, None] & m2[None, :]) if not pairwise else (m1 & m2)  # (*P, T)
-    zero = torch.zeros(mm.shape[:-1], dtype=v1.dtype, device=v1.device)
+    shape = (v1.shape[0],) if pairwise else (v1.shape[0], v2.shape[0])
+    zero = torch.zeros(shape, dtype=v1.dtype, device=v1.device)
     h = [zero] * len(stack)
     ht = [zero] * len(stack)
     # steps before the longest chain of the block starts are zero state for every pair: skip them
@@ -587,7 +587,7 @@ def _stack_chain(stack, terms, v1, v2, m1, m2, q1, q2, pairwise, need_ntk, d):
         else:
             kin = (v1[:, s] @ v2[:, s].T) / d
         tin = None
-        valid = mm[..., s]
+        valid = (m1[:, s] & m2[:, s]) if pairwise else (m1[:, s, None] & m2[None, :, s])
         for li, rnn in enumerate(stack):
             a, b = _pair(q1[li][0][:, s], q2[li][0][:, s], pairwise)
             hn, htn = _step(rnn, terms[li], h[li], ht[li], kin, tin, a, b, need_ntk)
