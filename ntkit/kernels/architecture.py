@@ -261,6 +261,8 @@ class Architecture:
             dimensions are flattened); architectures that start with a 2-D conv / pooling take images
             ``(n, H, W, C)`` (NHWC, like neural-tangents) and 1-D convs signals ``(n, L, C)``.
             ``x2=None`` means ``x1``.
+            For an architecture that starts with an :class:`~ntkit.RNN`: lists of (T_i, d) sequences of any
+            lengths, or (n, T, d) arrays (see ``ntkit.kernels.recurrent``).
         get : "nngp", "ntk" or a tuple of them
             A name returns a tensor; a tuple returns a namedtuple with those fields.
         diagonal : bool

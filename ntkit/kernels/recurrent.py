@@ -421,16 +421,19 @@ def _step(rnn, terms, hprev, htprev, kin, tin, var1, var2, need_ntk):
     """
     w2, u2 = rnn.W_std ** 2, rnn.U_std ** 2
     b2 = 0.0 if rnn.b_std is None else rnn.b_std ** 2
-    sigma = w2 * hprev + u2 * kin + b2
+    sigma = torch.mul(kin, u2).add_(hprev, alpha=w2).add_(b2)
     h, dot = rnn.activation.dual(sigma, var1, var2, derivative=need_ntk)
     if not need_ntk:
         return h, None
     a_h, a_in, a_b = terms
-    theta = a_h * hprev + a_in * kin + a_b if a_h != w2 or a_in != u2 or a_b != b2 else sigma
-    theta = theta + w2 * htprev
+    if a_h != w2 or a_in != u2 or a_b != b2:  # standard parameterization: the finite widths enter
+        theta = torch.mul(kin, a_in).add_(hprev, alpha=a_h).add_(a_b)
+    else:
+        theta = sigma.clone()
+    theta.add_(htprev, alpha=w2)
     if tin is not None:
-        theta = theta + u2 * tin
-    return h, dot * theta
+        theta.add_(tin, alpha=u2)
+    return h, theta.mul_(dot)
 
 
 def _pair(v1: torch.Tensor, v2: torch.Tensor, pairwise: bool):
@@ -451,23 +454,23 @@ def _grid(rnn, terms, kin, tin, q1, q2, m1, m2, pairwise, need_ntk):
     p1, p2 = _pair(q1, q2, pairwise)  # (*P', T1) and (*P', T2)
     v1, v2 = _pair(m1, m2, pairwise)
     t1 = kin.shape[-2]
-    h_rows, ht_rows = [], []
-    zero_col = torch.zeros_like(kin[..., 0, :1])
-    hprev = htprev = torch.zeros_like(kin[..., 0, :])
+    shape = (t1, *kin.shape[:-2], kin.shape[-1])  # rows t outermost: each row is one contiguous block
+    out_h = torch.empty(shape, dtype=kin.dtype, device=kin.device)
+    out_ht = torch.empty(shape, dtype=kin.dtype, device=kin.device) if need_ntk else None
+    zero = torch.zeros((), dtype=kin.dtype, device=kin.device)
+    # step (t+1, t'+1) reads (t, t'): the previous row shifted one step along t' (h_0 = 0 at t' = 0)
+    hprev = torch.zeros_like(kin[..., 0, :])
+    htprev = torch.zeros_like(hprev) if need_ntk else None
     for t in range(t1):
         h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
                       p1[..., t:t + 1], p2, need_ntk)
         valid = v1[..., t:t + 1] & v2
-        h = torch.where(valid, h, zero_col)
+        torch.where(valid, h, zero, out=out_h[t])
+        hprev[..., 1:] = out_h[t, ..., :-1]
         if need_ntk:
-            ht = torch.where(valid, ht, zero_col)
-        h_rows.append(h)
-        ht_rows.append(ht)
-        # step (t+1, t'+1) reads (t, t'): shift the row one step along t' (h_0 = 0 at t' = 0)
-        hprev = torch.cat([zero_col, h[..., :-1]], dim=-1)
-        if need_ntk:
-            htprev = torch.cat([zero_col, ht[..., :-1]], dim=-1)
-    return torch.stack(h_rows, -2), (torch.stack(ht_rows, -2) if need_ntk else None)
+            torch.where(valid, ht, zero, out=out_ht[t])
+            htprev[..., 1:] = out_ht[t, ..., :-1]
+    return out_h.movedim(0, -2), (out_ht.movedim(0, -2) if need_ntk else None)
 
 
 def _flip_grid(g: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor, pairwise: bool) -> torch.Tensor:
@@ -518,10 +521,13 @@ def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
 def _stack_grid(stack, terms, s1, s2, q1, q2, pairwise, need_ntk, d):
     """Readout kernels (K, K' Theta) of the top RNN for a block of pairs, by full time grids."""
     (v1, l1), (v2, l2) = s1, s2
+    # time rows outermost in memory (contiguous rows for _grid), viewed as (*P, T1, T2)
     if pairwise:
-        kin = torch.einsum("itd,isd->its", v1, v2) / d
-    else:
-        kin = torch.einsum("itd,jsd->ijts", v1, v2) / d
+        kin = torch.bmm(v1, v2.transpose(1, 2)).div_(d).permute(1, 0, 2).contiguous().movedim(0, -2)
+    else:  # one matmul (T1 b1, d) x (d, b2 T2), viewed as (b1, b2, T1, T2)
+        b1, ta, b2, tb = v1.shape[0], v1.shape[1], v2.shape[0], v2.shape[1]
+        kin = (v1.transpose(0, 1).reshape(ta * b1, d) @ v2.reshape(b2 * tb, d).T).div_(d)
+        kin = kin.reshape(ta, b1, b2, tb).movedim(0, -2)
     tin = None
     r1, r2 = _reverse_index(l1, v1.shape[1]), _reverse_index(l2, v2.shape[1])
     m1 = torch.arange(v1.shape[1], device=v1.device)[None, :] < l1[:, None]
@@ -560,28 +566,28 @@ def _readout(g: torch.Tensor, readout: str, l1: torch.Tensor, l2: torch.Tensor, 
         a1 = torch.arange(g.shape[0], device=g.device)[:, None]
         a2 = torch.arange(g.shape[1], device=g.device)[None, :]
         return g[a1, a2, (l1 - 1)[:, None], (l2 - 1)[None, :]]
-    m1 = (torch.arange(g.shape[-2], device=g.device)[None, :] < l1[:, None]).to(g.dtype) / l1[:, None].to(g.dtype)
-    m2 = (torch.arange(g.shape[-1], device=g.device)[None, :] < l2[:, None]).to(g.dtype) / l2[:, None].to(g.dtype)
-    if pairwise:
-        return torch.einsum("its,it,is->i", g, m1, m2)
-    return torch.einsum("ijts,it,js->ij", g, m1, m2)
+    # the grid is zero on pairs of steps past either end (see _grid): the mean is a plain sum
+    count = (l1 * l2) if pairwise else (l1[:, None] * l2[None, :])
+    return g.sum((-2, -1)) / count.to(g.dtype)
 
 
 def _stack_chain(stack, terms, v1, v2, m1, m2, q1, q2, pairwise, need_ntk, d):
     """Readout kernels for a unidirectional stack with readout "last": one chain per pair along the time
     diagonal ending at (T, T'), both sequences end-aligned in a common frame (padding at the start)."""
     t_frame = v1.shape[1]
-    mm = (m1[:, None] & m2[None, :]) if not pairwise else (m1 & m2)  # (*P, T)
-    zero = torch.zeros(mm.shape[:-1], dtype=v1.dtype, device=v1.device)
+    shape = (v1.shape[0],) if pairwise else (v1.shape[0], v2.shape[0])
+    zero = torch.zeros(shape, dtype=v1.dtype, device=v1.device)
     h = [zero] * len(stack)
     ht = [zero] * len(stack)
-    for s in range(t_frame):
+    # steps before the longest chain of the block starts are zero state for every pair: skip them
+    start = t_frame - int(torch.minimum(m1.sum(1).max(), m2.sum(1).max()))
+    for s in range(start, t_frame):
         if pairwise:
             kin = (v1[:, s] * v2[:, s]).sum(-1) / d
         else:
             kin = (v1[:, s] @ v2[:, s].T) / d
         tin = None
-        valid = mm[..., s]
+        valid = (m1[:, s] & m2[:, s]) if pairwise else (m1[:, s, None] & m2[None, :, s])
         for li, rnn in enumerate(stack):
             a, b = _pair(q1[li][0][:, s], q2[li][0][:, s], pairwise)
             hn, htn = _step(rnn, terms[li], h[li], ht[li], kin, tin, a, b, need_ntk)
@@ -607,8 +613,9 @@ def _readout_variance(stack, terms, seqs, chain_vals, chain_mask, qs, hv_top, ne
     res = []
     for i0 in range(0, seqs.values.shape[0], block):
         sl = slice(i0, i0 + block)
-        sub = Sequences(seqs.values[sl], lengths[sl])
-        q = [[qq[sl] for qq in dirs] for dirs in qs]
+        t = int(lengths[sl].max())
+        sub = Sequences(seqs.values[sl, :t], lengths[sl])
+        q = [[qq[sl, :t] for qq in dirs] for dirs in qs]
         k, _ = _stack_grid(stack, terms, sub, sub, q, q, True, False, d)
         res.append(k)
     return torch.cat(res)
@@ -635,6 +642,12 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     if diagonal and s2 is not None and s2.values.shape[0] != s1.values.shape[0]:
         raise ValueError(f"diagonal=True pairs sequence i of x1 with sequence i of x2, but x1 has "
                          f"{s1.values.shape[0]} sequences and x2 has {s2.values.shape[0]}")
+    # sort by length so that tiles hold sequences of similar lengths (undone at the end)
+    order1 = torch.argsort(s1.lengths, stable=True)
+    order2 = order1 if (s2 is None or diagonal) else torch.argsort(s2.lengths, stable=True)
+    s1 = Sequences(s1.values[order1], s1.lengths[order1])
+    if s2 is not None:
+        s2 = Sequences(s2.values[order2], s2.lengths[order2])
     widths = [d] + [r.features for r in stack[:-1]]
     terms = [_direct_terms(r, ctx, w) for r, w in zip(stack, widths)]
     same = s2 is None
@@ -645,8 +658,12 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     n1, n2 = s1.values.shape[0], s2.values.shape[0]
     t1, t2 = s1.values.shape[1], s2.values.shape[1]
     # memory per pair of sequences in a tile: full time grids (grid mode) or per-step scalars (chain mode)
-    per_layer = (6 + (4 if any(r.bidirectional for r in stack) else 0)) * (2 if need_ntk else 1)
-    per_pair = (t1 * t2 * per_layer + 16) * item if not chain else (24 * len(stack) + 8) * item
+    # live (T1, T2) grids per pair: the layer's input and output kernels (x2 with the NTK), the reversed
+    # copies of a bidirectional layer, twice that while a stack hands over, +2 for rows and readouts
+    # (measured peaks: 50-75% of this bound for one and two layers, uni- and bidirectional)
+    per_layer = (2 + (2 if any(r.bidirectional for r in stack) else 0)) * (2 if need_ntk else 1)
+    per_pair = (t1 * t2 * (per_layer * (2 if len(stack) > 1 else 1) + 2) + 16) * item \
+        if not chain else (24 * len(stack) + 8) * item
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(s1.values.device)
     out_bytes = (n1 if diagonal else n1 * n2) * len(names) * item
     check_memory(out_bytes, budget, f"the {n1}x{n2} kernel{'s' if len(names) > 1 else ''} in {s1.values.dtype}",
@@ -657,7 +674,9 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         block = int(block_size)
     else:
-        block = 512
+        # grid mode: tiles of <= 64 x 64 pairs keep rows of >= 4096 pairs x T' per operation, and let the
+        # length-sorted tiles span only their own longest sequences
+        block = 512 if chain else 64
         while block > 1 and block * block * per_pair > left:
             block //= 2
     check_memory(out_bytes + block * block * per_pair, budget,
@@ -679,13 +698,16 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
 
     def block_state(i0, i1, j0, j1, pairwise):
         sl1, sl2 = slice(i0, i1), slice(j0, j1)
-        qa = [[q[sl1] for q in dirs] for dirs in q1]
-        qb = [[q[sl2] for q in dirs] for dirs in q2]
         if chain:
+            qa = [[q[sl1] for q in dirs] for dirs in q1]
+            qb = [[q[sl2] for q in dirs] for dirs in q2]
             k, kt = _stack_chain(stack, terms, v1[sl1], v2[sl2], mk1[sl1], mk2[sl2], qa, qb, pairwise, need_ntk, d)
-        else:
-            k, kt = _stack_grid(stack, terms, Sequences(s1.values[sl1], s1.lengths[sl1]),
-                                Sequences(s2.values[sl2], s2.lengths[sl2]), qa, qb, pairwise, need_ntk, d)
+        else:  # the time grid of a tile spans only its own longest sequences (tiles hold similar lengths)
+            ta, tb = int(s1.lengths[sl1].max()), int(s2.lengths[sl2].max())
+            qa = [[q[sl1, :ta] for q in dirs] for dirs in q1]
+            qb = [[q[sl2, :tb] for q in dirs] for dirs in q2]
+            k, kt = _stack_grid(stack, terms, Sequences(s1.values[sl1, :ta], s1.lengths[sl1]),
+                                Sequences(s2.values[sl2, :tb], s2.lengths[sl2]), qa, qb, pairwise, need_ntk, d)
         va, vb = (var1[sl1], var2[sl2]) if pairwise else (var1[sl1, None], var2[None, sl2])
         st = KernelState(nngp=k, ntk=kt if need_ntk else None, var1=va, var2=vb, width=width, gaussian=False)
         st = rest_body.apply_kernel(st, ctx)
@@ -709,6 +731,8 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
             i1 = min(i0 + block * block, n1)
             for name, val in block_state(i0, i1, i0, i1, True).items():
                 outs[name][i0:i1] = val
+        for name in names:
+            outs[name][order1] = outs[name].clone()
         return outs
     outs = {name: empty_output((n1, n2), s1.values.dtype, s1.values.device) for name in names}
     for i0 in range(0, n1, block):
@@ -722,4 +746,8 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
                 outs[name][i0:i1, j0:j1] = tile
                 if same and not diag_tile:
                     outs[name][j0:j1, i0:i1] = tile.T
+    for name in names:
+        sorted_out = outs[name]
+        outs[name] = empty_output((n1, n2), sorted_out.dtype, sorted_out.device)
+        outs[name][order1[:, None], order2[None, :]] = sorted_out
     return outs

@@ -278,6 +278,9 @@ def test_equal_length_tensor_numpy_and_list_inputs_agree():
     torch.testing.assert_close(arch.kernel([s.numpy() for s in seqs]), ref, rtol=0, atol=0)
     net = arch.init(16, in_features=D, out_dim=2)
     torch.testing.assert_close(net(x), net(seqs))
+    # ntkit.empirical_ntk runs on the finite twin and agrees with the brute-force autograd used above
+    net1 = arch.init(16, in_features=D, out_dim=1)
+    torch.testing.assert_close(ntkit.empirical_ntk(net1, x), _empirical(net1, seqs)[1], rtol=1e-12, atol=1e-13)
 
 
 def test_finite_twin_variable_lengths_match_one_by_one():
