@@ -135,9 +135,7 @@ def _reference(arch, seqs, widths=None):
         return g[-1, -1] if top.readout == "last" else g.mean()
 
     if top.readout == "last" and top.bidirectional:
-        def read(g):  # forward direction: last step; backward direction: its last step is the first
-            raise AssertionError
-        # recompute the per-direction readouts from the last layer's per-direction grids
+        # per direction: the forward RNN's last step is (T-1, T'-1); the backward RNN's (in original order) is (0, 0)
         k = {key: sum(o[0][-1, -1] if not fl else o[0][0, 0] for o, fl in zip(v, [False, True])) / 2
              for key, v in outs.items()}
         t = {key: sum(o[1][-1, -1] if not fl else o[1][0, 0] for o, fl in zip(v, [False, True])) / 2
