@@ -22,6 +22,7 @@ MNIST_SMALL = Path(__file__).resolve().parents[1] / "data" / "mnist_small" / "mn
 # name -> whether the reproduction reads MNIST (the quick run then gets the 256-image test file)
 QUICK = {
     "jacot-kernel": False,
+    "hanin-nica": False,
 }
 
 
