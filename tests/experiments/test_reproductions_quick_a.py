@@ -23,6 +23,7 @@ MNIST_SMALL = Path(__file__).resolve().parents[1] / "data" / "mnist_small" / "mn
 QUICK = {
     "jacot-kernel": False,
     "hanin-nica": False,
+    "lee-linearization": False,
 }
 
 
