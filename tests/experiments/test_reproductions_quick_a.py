@@ -24,6 +24,7 @@ QUICK = {
     "jacot-kernel": False,
     "hanin-nica": False,
     "lee-linearization": False,
+    "jacot-function": False,
 }
 
 
