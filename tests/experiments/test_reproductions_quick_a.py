@@ -25,6 +25,7 @@ QUICK = {
     "hanin-nica": False,
     "lee-linearization": False,
     "jacot-function": False,
+    "jacot-pca": True,
 }
 
 
@@ -59,3 +60,15 @@ def test_command_line_list():
                          text=True, check=True).stdout
     for name in QUICK:
         assert name in out
+
+
+def test_command_line_quick_run(tmp_path):
+    """``python -m ntkit.experiments.reproduce NAME --quick --out DIR`` writes the report and exits 0."""
+    out = tmp_path / "jf"
+    proc = subprocess.run([sys.executable, "-m", "ntkit.experiments.reproduce", "jacot-function", "--quick",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "claims hold" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["claims"] and all(c["holds"] for c in res["claims"])
+    assert (out / "report.html").is_file() and (out / "fig2_functions.png").is_file()
