@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,9 @@ def test_quick_run_claims_hold(name, tmp_path, single_thread):
     assert not failed, failed
 
 
-def test_command_line_list():
-    out = subprocess.run([sys.executable, "-m", "ntkit.experiments.reproduce", "--list"], capture_output=True,
-                         text=True, check=True).stdout
+def test_command_line_list(capsys):
+    assert reproduce.main(["--list"]) == 0
+    out = capsys.readouterr().out
     for name in QUICK:
         assert name in out
 
@@ -65,8 +66,10 @@ def test_command_line_list():
 def test_command_line_quick_run(tmp_path):
     """``python -m ntkit.experiments.reproduce NAME --quick --out DIR`` writes the report and exits 0."""
     out = tmp_path / "jf"
+    # one torch thread, as the in-process tests (several threads on a busy 2-core machine are much slower)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "ntkit.experiments.reproduce", "jacot-function", "--quick",
-                           "--out", str(out), "--no-progress"], capture_output=True, text=True)
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "claims hold" in proc.stdout
     res = json.loads((out / "results.json").read_text())

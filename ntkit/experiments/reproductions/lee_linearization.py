@@ -60,7 +60,7 @@ TITLE = "Lee et al. 2019: wide networks evolve as their linearization; NTK chang
 def _config(quick: bool) -> dict:
     if quick:
         return dict(widths=[32, 64, 128, 256], seeds=3, n=24, steps=60, lr_factor=0.5, lr_steps=30)
-    return dict(widths=[64, 128, 256, 512, 1024], seeds=5, n=64, steps=300, lr_factor=0.5, lr_steps=60)
+    return dict(widths=[64, 128, 256, 512, 1024], seeds=4, n=64, steps=200, lr_factor=0.5, lr_steps=60)
 
 
 def _arch(act: str):
