@@ -219,6 +219,7 @@ def _fig_pca(vec, lam, lab, n):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     p1, p2 = (vec[:, 0] * math.sqrt(n)).numpy(), (vec[:, 1] * math.sqrt(n)).numpy()
+    p1 = p1 * np.sign(p1.sum())  # an eigenvector's sign is arbitrary: show the non-centred PC 1 positive
     sc = ax.scatter(p1, p2, c=lab, cmap="tab10", s=12, vmin=-0.5, vmax=9.5)
     fig.colorbar(sc, ax=ax, ticks=range(10), label="digit")
     ax.set_xlabel(f"PC 1 (lambda1 = {float(lam[0]):.4g})")
