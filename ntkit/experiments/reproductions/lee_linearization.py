@@ -206,7 +206,7 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
                 **{f"{k} s.e.": v[1] for k, v in res[a][w].items()}} for a in ("relu", "erf") for w in widths],
               caption="Per activation and width: means over seeds and their standard errors.")
     rep.update(config=cfg, data=source, learning_rate={a: v[0] for a, v in lr.items()}, eta_crit_widest=eta_c,
-               results={a: {str(w): v for w, v in res[a].items()} for a in res},
+               per_width={a: {str(w): v for w, v in res[a].items()} for a in res},
                fits={f"{a}/{k}": {"exponent": f.exponent, "stderr": f.stderr} for (a, k), f in fits.items()},
                lr_loss={str(k): v for k, v in lr_loss.items()}, linearize_check=lin_check)
     if out is not None:
