@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["PowerLawFit", "fit_power_law", "train_full_batch"]
+__all__ = ["PowerLawFit", "fit_power_law", "train_full_batch", "train_ensemble_full_batch", "unit_circle",
+           "bonferroni_t", "log_sd_stderr", "ratio_stderr"]
 
 
 @dataclass(frozen=True)
@@ -118,4 +119,92 @@ def train_full_batch(
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         opt.step()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers of the Jacot / Lee / Hanin-Nica reproductions
+# ---------------------------------------------------------------------------------------------------
+def unit_circle(angles: Sequence[float] | np.ndarray, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Points ``(cos g, sin g)`` on the unit circle, shape (len(angles), 2) (Jacot et al. 2018, Figs. 1-2)."""
+    g = torch.as_tensor(np.asarray(angles, dtype=float), dtype=dtype)
+    return torch.stack([torch.cos(g), torch.sin(g)], dim=1)
+
+
+def bonferroni_t(n_tests: int, dof: int, alpha: float = 1e-3) -> float:
+    """Two-sided Student-t quantile for ``n_tests`` simultaneous z-scores at family-wise level ``alpha``.
+
+    A mean over S seeds with its standard error estimated from the same seeds is t-distributed with
+    S - 1 degrees of freedom; the largest of ``n_tests`` such |t| exceeds this value with probability
+    at most ``alpha`` (Bonferroni), whatever the correlation between the tests.
+    """
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(1.0 - alpha / (2.0 * max(int(n_tests), 1)), int(dof)))
+
+
+def log_sd_stderr(n_seeds: int) -> float:
+    """Standard error of log(sample standard deviation) from ``n_seeds`` Gaussian samples: 1/sqrt(2(S-1))."""
+    return 1.0 / math.sqrt(2.0 * (int(n_seeds) - 1))
+
+
+def ratio_stderr(a: float, sa: float, b: float, sb: float) -> float:
+    """Standard error of a / b for independent a, b with standard errors sa, sb (delta method)."""
+    return abs(a / b) * math.sqrt((sa / a) ** 2 + (sb / b) ** 2)
+
+
+def train_ensemble_full_batch(
+    models: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    learning_rate: float,
+    steps: int,
+    record: Sequence[int] = (),
+) -> dict:
+    """:func:`train_full_batch` (MSE loss 0.5 mean (f - y)^2) of several independent networks of the same
+    shape at once, in place: their parameters are stacked and the forward pass is ``vmap``-ed over them,
+    so one step trains every copy (e.g. every seed) with one batched matrix product per layer.
+
+    ``y`` is (n, k), shared, or (S, n, k), one target per network. Each network gets exactly the update
+    it would get alone (the summed loss has block-diagonal gradients). Returns ``{"steps", "loss", "f_train"}``
+    at the ``record`` steps, with loss (S,) and f_train (S, n, k) per record.
+    """
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = list(models)
+    params, buffers = stack_module_state(models)
+    trainable = [k for k, p in models[0].named_parameters() if p.requires_grad]
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def f(p, b, xx):
+        return functional_call(base, (p, b), (xx,))
+
+    fv = vmap(f, in_dims=(0, 0, None))
+    yy = y if y.ndim == 3 else y.unsqueeze(0)
+    record = sorted(set(int(s) for s in record))
+    out: dict = {"steps": [], "loss": [], "f_train": []}
+    nxt = 0
+    for step in range(steps + 1):
+        if nxt < len(record) and record[nxt] == step:
+            with torch.no_grad():
+                fo = fv(params, buffers, x)
+                out["steps"].append(step)
+                out["loss"].append((0.5 * ((fo - yy) ** 2).mean(dim=(1, 2))).detach().clone())
+                out["f_train"].append(fo.detach().clone())
+            nxt += 1
+        if step == steps:
+            break
+        fo = fv(params, buffers, x)
+        loss = (0.5 * ((fo - yy) ** 2).mean(dim=(1, 2))).sum()
+        grads = torch.autograd.grad(loss, [params[k] for k in trainable])
+        with torch.no_grad():
+            for k, g in zip(trainable, grads):
+                params[k].sub_(g, alpha=learning_rate)
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            for k, p in m.named_parameters():
+                p.copy_(params[k][i])
     return out
