@@ -27,9 +27,9 @@ Ours
     of the kernel regime, showed no N^-1/4 decay at our sizes) on the quadratic hinge loss of
     f(w, x) - f(w_0, x) (the output at initialization subtracted, as in Geiger et al.'s lazy-training
     analysis, so that the O(1) random initial function does not mask the fluctuations of the trained
-    one) until every constraint is satisfied (loss exactly 0) or the step budget (1 500 quick / 4 000
+    one) until every constraint is satisfied (loss exactly 0) or the step budget (1 500 quick / 3 000
     full) is spent. All seeds of one
-    (P, h) train at once as a batched network. P in {16, 48, 128} (quick) / {128, 256, 512} (full; the
+    (P, h) train at once as a batched network. P in {16, 48, 128} (quick) / {64, 128, 256} (full; the
     paper goes to 50 000), 10 seeds per (P, h) (the ensemble), the test error on the rest of the pool
     (at most 2 000 images).
 
@@ -147,7 +147,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     if quick:
         ps, widths, steps = [16, 48, 128], [2, 3, 4, 6, 8, 11, 16, 24, 32, 48, 64], 1500
     else:
-        ps, widths, steps = [128, 256, 512], [3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 24, 32, 45, 64, 90, 128], 4000
+        ps, widths, steps = [64, 128, 256], [3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 45, 64, 90, 128], 3000
     n_seeds = 10
     n_test = min(2000, n_pool - max(ps))
     if n_test < 100:

@@ -133,9 +133,9 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     xd, yd, _ = _data(data, n_drift, seed + 1)
     k_exact = arch3.kernel(xd, get="ntk")
     lr_d = 0.5 * max_learning_rate(k_exact, n_outputs=10)
-    widths = [32, 64, 128, 256] if quick else [64, 128, 256, 512, 1024]
+    widths = [32, 64, 128, 256] if quick else [32, 64, 128, 256, 512]
     s_drift = 3 if quick else 5
-    steps_d = 50 if quick else 200
+    steps_d = 50 if quick else 100
     drift = {init: np.zeros((len(widths), s_drift)) for init in inits}
     for i, w in enumerate(bar(widths, total=len(widths), desc="huang drift", unit="width", enabled=progress)):
         for init in inits:
@@ -183,7 +183,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     regimes = {
         "lazy": dict(depth=2, width=1024, frac=0.5, steps=30, seeds=5 if quick else 8),
         "beyond lazy": dict(depth=16 if quick else 20, width=64 if quick else 128, frac=1.5,
-                            steps=100 if quick else 300, seeds=5 if quick else 8),
+                            steps=100 if quick else 200, seeds=5 if quick else 8),
     }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     results["training"] = {}
