@@ -69,6 +69,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from ..._progress import progress as bar
 
@@ -115,6 +116,9 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     ax.semilogx(ms, [r["exact NTK"] for r in rows], "s-", label="exact NTK (kernel regression)")
     ax.semilogx(ms, [r["empirical NTK at init"] for r in rows], "^-", label="empirical NTK at init")
     ax.axhspan(0.5 - 4 * se, 0.5 + 4 * se, color="gray", alpha=0.3, label="chance ± 4 SE")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(m) for m in sizes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training samples m")
     ax.set_ylabel("test accuracy (uniform component)")
     ax.set_title(f"{k}-sparse parity on n = {n} bits")
