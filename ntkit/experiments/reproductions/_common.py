@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 __all__ = ["PowerLawFit", "fit_power_law", "train_full_batch", "train_ensemble_full_batch", "unit_circle",
-           "bonferroni_t", "log_sd_stderr", "ratio_stderr"]
+           "bonferroni_t", "log_sd_stderr", "ratio_stderr", "uci_subset", "paired_difference"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +208,23 @@ def train_ensemble_full_batch(
             for k, p in m.named_parameters():
                 p.copy_(params[k][i])
     return out
+
+
+def uci_subset(root, max_samples: int | None = None) -> list[str]:
+    """Names of the UCI data set folders under ``root`` with at most ``max_samples`` samples (all if None),
+    read from each set's metadata (``n_patrons1``) without loading the data."""
+    from pathlib import Path
+
+    from ..uci import _read_meta, list_uci_datasets
+
+    names = list_uci_datasets(root)
+    if max_samples is None:
+        return names
+    return [n for n in names if int(_read_meta(Path(root) / n / f"{n}.txt").get("n_patrons1", 0)) <= max_samples]
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the paired differences ``a - b`` (SE 0 for fewer than 2 pairs)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+    return float(d.mean()), se
