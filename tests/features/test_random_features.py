@@ -12,6 +12,8 @@ import torch
 import ntkit
 from ntkit.features import NTKRandomFeatures
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def x():
