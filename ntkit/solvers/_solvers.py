@@ -173,14 +173,31 @@ def _pick_centers(x, m, random_state):
 # ------------------------------------------------------------------------------------------------
 def cholesky(kernel: KernelFunction, x: torch.Tensor, y: torch.Tensor, lam: float, *,
              memory_budget: float | None = None) -> torch.Tensor:
-    """alpha = (K + lam I)^{-1} Y by Cholesky (pseudo-inverse if K + lam I is singular). Forms K: O(n^2)."""
+    """alpha = (K + lam I)^{-1} Y by Cholesky (pseudo-inverse if K + lam I is singular). Forms K: O(n^2)
+    memory, once (on the CPU LAPACK factorizes it in place)."""
     n = x.shape[0]
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(x.device)
-    check_memory(2 * n * n * x.element_size(), budget, f"the direct solve with the {n}x{n} kernel matrix",
+    check_memory(1.2 * n * n * x.element_size(), budget, f"the direct solve with the {n}x{n} kernel matrix",
                  "use solver='cg' (kernel blocks on the fly), 'nystrom' or 'features'")
-    k = kernel(x, dtype=x.dtype)
+    arch = getattr(kernel, "arch", None)
+    k = (arch.kernel(x, None, kernel.name, dtype=x.dtype, memory_budget=budget) if arch is not None
+         else kernel(x, dtype=x.dtype))
     if lam:
         k.diagonal().add_(lam)
+    if k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64):
+        import scipy.linalg as sl
+
+        try:  # K is symmetric: its C-ordered buffer is the Fortran-ordered K^T = K, factorized in place
+            c = sl.cho_factor(k.numpy().T, lower=False, overwrite_a=True, check_finite=False)
+            out = torch.from_numpy(sl.cho_solve(c, y.cpu().numpy(), check_finite=False))
+            if bool(torch.isfinite(out).all()):
+                return out.to(y.dtype)
+        except np.linalg.LinAlgError:
+            pass
+        del k
+        k = kernel(x, dtype=x.dtype)
+        if lam:
+            k.diagonal().add_(lam)
     return _psd_solve(k, y)
 
 
@@ -389,6 +406,8 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
         fm = feature_map
         if fm is None:
             spec = _features_for(kf)
+            if spec is None and getattr(kf, "arch", None) is not None and getattr(kf, "name", None) in ("ntk", "nngp"):
+                read_architecture(kf.arch, kf.name)  # raises the error that names the unsupported layer
             if spec is None:
                 raise ConfigError("solver='features' needs the NTK/NNGP of a fully-connected ReLU architecture "
                                   f"(random features exist for those), got {kf!r}; pass feature_map= or use "
