@@ -9,7 +9,7 @@ import torch
 
 from .._validation import ConfigError
 from ._base import FeatureMap
-from ._plan import ActOp, DenseOp, read_architecture
+from ._plan import DenseOp, read_architecture
 from ._sketch import TensorSRHT
 
 __all__ = ["NTKRandomFeatures"]

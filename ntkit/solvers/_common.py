@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from .._validation import as_float_tensor, available_memory_bytes, check_memory,
 from ..kernels import Architecture
 from ..kernels.base import KernelFunction
 
-__all__ = ["as_kernel", "as_targets", "regularization", "row_block", "blockwise_matmul", "kernel_blocks"]
+__all__ = ["as_kernel", "as_targets", "as_inputs", "regularization", "row_block", "blockwise_matmul", "kernel_blocks"]
 
 # Number of (rows x cols) float buffers alive while an architecture kernel evaluates one block.
 _LIVE = 14
@@ -74,13 +74,10 @@ def kernel_blocks(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor, ro
         yield i, kernel(x1[i:i + rows], x2, dtype=x1.dtype)
 
 
-def blockwise_matmul(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, rows: int,
-                     transpose_v: torch.Tensor | None = None) -> torch.Tensor:
+def blockwise_matmul(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
     """K(x1, x2) @ v by row blocks of x1."""
     out = v.new_empty((x1.shape[0], v.shape[1]))
     for i, blk in kernel_blocks(kernel, x1, x2, rows):
         out[i:i + blk.shape[0]] = blk @ v
     return out
 
-
-Matvec = Callable[[torch.Tensor], torch.Tensor]

@@ -11,6 +11,7 @@ the gradient-flow dynamics (Jacot et al. 2018, Sec. 5).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from .._linalg import symmetric_eigh
 from .._progress import progress as _progress
-from .._validation import ConfigError, MemoryBudgetError, available_memory_bytes, check_memory, format_bytes
+from .._validation import ConfigError, available_memory_bytes, check_memory
 from ..features import NTKRandomFeatures
 from ..features._base import FeatureMap, make_generator
 from ..features._plan import read_architecture
@@ -160,10 +161,16 @@ def _check_positive_int(v, name):
     return int(v)
 
 
+def _clip_centers(m: int, n: int) -> int:
+    if m > n:  # as scikit-learn's Nystroem: use every point, and say so
+        warnings.warn(f"n_centers={m} is more than the {n} training points; using all {n} as centers",
+                      RuntimeWarning, stacklevel=4)
+        return n
+    return m
+
+
 def _pick_centers(x, m, random_state):
     n = x.shape[0]
-    if m > n:
-        raise ValueError(f"n_centers={m} is more than the {n} training points")
     if m == n:
         return torch.arange(n, device=x.device)
     gen = make_generator(random_state)
@@ -213,13 +220,14 @@ def conjugate_gradient(kernel: KernelFunction, x: torch.Tensor, y: torch.Tensor,
     Returns (alpha, iterations, residual history).
     """
     n = x.shape[0]
-    m = _check_positive_int(n_centers, "n_centers") or default_centers(n)
+    m = _clip_centers(_check_positive_int(n_centers, "n_centers") or default_centers(n), n)
     max_iter = _check_positive_int(max_iter, "max_iter") or max(100, 4 * int(math.sqrt(n)))
     budget = memory_budget if memory_budget is not None else 0.5 * available_memory_bytes(x.device)
     item = x.element_size()
     check_memory(3 * n * m * item, budget, f"the rank-{m} Nystrom preconditioner for n={n}",
                  "pass fewer n_centers or a larger memory_budget")
     idx = _pick_centers(x, m, random_state)
+    m = idx.shape[0]
     rows = row_block(max(m, 1), item, budget / 3, x.device, "k(X, centers)")
     c = torch.cat([blk for _, blk in kernel_blocks(kernel, x, x[idx], rows)])
     w = c[idx]
@@ -258,8 +266,9 @@ def falkon(kernel: KernelFunction, x: torch.Tensor, y: torch.Tensor, lam: float,
     """
     n = x.shape[0]
     if centers is None:
-        m = _check_positive_int(n_centers, "n_centers") or default_centers(n)
+        m = _clip_centers(_check_positive_int(n_centers, "n_centers") or default_centers(n), n)
         ctr = x[_pick_centers(x, m, random_state)]
+        m = ctr.shape[0]
     else:
         ctr = as_inputs(centers, "centers", dtype=x.dtype, device=x.device)
         m = ctr.shape[0]

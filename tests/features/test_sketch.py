@@ -31,10 +31,10 @@ def test_polynomial_fits_are_nonnegative_and_accurate(a, b):
     assert arccos_polynomials(a, b, 16)[3] < err_d
 
 
-@pytest.mark.parametrize("depth,b_std,kernel", [(1, 0.0, "ntk"), (2, 0.3, "ntk"), (2, 0.3, "nngp")])
+@pytest.mark.parametrize("depth,b_std,kernel", [(1, 0.0, "ntk"), (2, 0.3, "ntk")])
 def test_sketch_converges_to_the_kernel(depth, b_std, kernel):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
     arch = ntkit.mlp(depth, W_std=2**0.5, b_std=b_std)
     k = arch.kernel(x, get=kernel)
     ms = [128, 512, 2048]

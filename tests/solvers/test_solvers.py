@@ -80,19 +80,19 @@ def test_all_points_as_centers_is_exact_krr(data, solver):
 
 
 def test_matrix_is_never_formed(data):
-    # n x n would need 1.3 MB (x2 for the factorization); the budget is 1.2 MB
+    # the n x n matrix would need 0.32 MB (+20% to factorize it); the budget is 0.35 MB
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 4, generator=g, dtype=torch.float64)
     y = torch.sin(x.sum(1))
     kf = ARCH.kernel_fn("ntk")
     with pytest.raises(ntkit.MemoryBudgetError, match="solver='cg'"):
-        kernel_ridge(kf, x, y, diag_reg=1e-2, solver="cholesky", memory_budget=1.2e6)
-    assert choose_solver(400, kf, memory_budget=1.2e6) == "nystrom"
-    cg = kernel_ridge(kf, x, y, diag_reg=1e-2, solver="cg", n_centers=100, tol=1e-10, memory_budget=1.2e6)
-    ref = kernel_ridge(kf, x, y, diag_reg=1e-2, solver="cholesky")
+        kernel_ridge(kf, x, y, diag_reg=1e-1, solver="cholesky", memory_budget=3.5e5)
+    assert choose_solver(200, kf, memory_budget=3.5e5) == "nystrom"
+    cg = kernel_ridge(kf, x, y, diag_reg=1e-1, solver="cg", n_centers=40, tol=1e-8, memory_budget=3.5e5)
+    ref = kernel_ridge(kf, x, y, diag_reg=1e-1, solver="cholesky")
     _close(cg.predict(x[:50]), ref.predict(x[:50]))
-    ny = kernel_ridge(kf, x, y, diag_reg=1e-2, solver="nystrom", n_centers=100, tol=1e-10, memory_budget=6e5)
-    assert ny.centers.shape == (100, 4)
+    ny = kernel_ridge(kf, x, y, diag_reg=1e-1, solver="nystrom", n_centers=80, tol=1e-6, memory_budget=3.5e5)
+    assert ny.centers.shape == (80, 4)
 
 
 def test_feature_ridge_is_krr_with_the_feature_kernel(data):
@@ -134,8 +134,9 @@ def test_bad_input(data):
     xb[7, 1] = float("nan")
     with pytest.raises(ValueError, match="row 7 contains NaN"):
         kernel_ridge(ARCH, xb, y, solver="cg")
-    with pytest.raises(ValueError, match="more than the"):
-        kernel_ridge(ARCH, x, y, solver="nystrom", n_centers=1000)
+    with pytest.warns(RuntimeWarning, match="more than the 240 training points; using all 240"):
+        sol = kernel_ridge(ARCH, x, y, diag_reg=1e-2, solver="nystrom", n_centers=1000, progress=False)
+    assert sol.centers.shape[0] == 240
     with pytest.raises(ntkit.ConfigError, match="solver='features' needs"):
         kernel_ridge(ntkit.Laplace(1.0), x, y, solver="features")
     with pytest.raises(ValueError, match="diag_reg"):
