@@ -151,15 +151,15 @@ class FeatureMap:
     def transform(self, X: Any) -> Any:
         """Features of the rows of ``X``: (n, n_components_), numpy for numpy input, torch for torch input.
 
-        Computed in batches of rows (``batch_size``, or as many as ``memory_budget`` allows); the output
-        itself must fit in memory -- for larger ``n`` consume :meth:`iter_transform` batch by batch.
+        Computed in batches of rows (``batch_size``, or as many as ``memory_budget`` -- bytes of working
+        memory per batch -- allows); the output itself must fit in the free memory -- for larger ``n`` consume :meth:`iter_transform` batch by batch.
         """
         t, numpy_in = self._prepare(X)
         n, m = t.shape[0], self.n_components_
-        budget = self.memory_budget
-        check_memory(n * m * t.element_size(), budget if budget is not None else 0.9 * available_memory_bytes(
-            t.device), f"the ({n}, {m}) feature matrix in {t.dtype}",
-            "transform X in pieces, or consume iter_transform(X) batch by batch (as the ridge solver does)")
+        # memory_budget bounds the work per batch; the output itself must fit in what is free
+        check_memory(n * m * t.element_size(), 0.9 * available_memory_bytes(t.device),
+                     f"the ({n}, {m}) feature matrix in {t.dtype}",
+                     "transform X in pieces, or consume iter_transform(X) batch by batch (as the ridge solver does)")
         out = torch.empty((n, m), dtype=t.dtype, device=t.device)
         for i, f in self.iter_transform(t):
             out[i:i + f.shape[0]] = f

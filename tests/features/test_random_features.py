@@ -123,5 +123,11 @@ def test_bad_input(x):
                                        ntkit.Dense(1)), 64).fit(x)
     with pytest.raises(ValueError, match="too small"):
         NTKRandomFeatures(ntkit.mlp(1, b_std=0.1), 2).fit(x)
+    with pytest.raises(ValueError, match="working memory"):
+        NTKRandomFeatures(arch, 64, memory_budget=100).fit(x).transform(x)
+    # a budget of a few rows gives the same features in more batches
+    small = NTKRandomFeatures(arch, 64, random_state=0, memory_budget=64 * 8 * 40).fit(x)
+    assert small._batch_rows(30, 8, x.device) < 30
+    torch.testing.assert_close(small.transform(x), NTKRandomFeatures(arch, 64, random_state=0).fit_transform(x))
     with pytest.raises(ValueError, match="kernel must be"):
         NTKRandomFeatures(arch, 64, kernel="rbf").fit(x)
