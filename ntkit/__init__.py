@@ -28,7 +28,9 @@ _LAZY = {
     **{name: "ntkit.dynamics" for name in (
         "gradient_descent_mse", "gradient_descent", "gradient_descent_mse_ensemble", "ensemble_from_architecture",
         "gp_inference", "linearize", "max_learning_rate", "MSEPredictor", "ODEPredictor", "EnsemblePredictor",
-        "LinearizedModel")},
+        "LinearizedModel", "kernel_regression")},
+    **{name: "ntkit.features" for name in ("NTKRandomFeatures",)},
+    **{name: "ntkit.solvers" for name in ("kernel_ridge",)},
     **{name: "ntkit.spectra" for name in (
         "eigendecomposition", "condition_number", "effective_rank", "kernel_pca", "convergence_times",
         "target_projections", "mean_field", "phase_diagram", "critical_weight_variance", "depth_profile",

@@ -8,6 +8,7 @@
   covariance of an infinite ensemble at time t; :func:`gp_inference` - exact GP posterior.
 * :func:`linearize` - a network's first-order Taylor expansion in its parameters, as a module.
 * :func:`max_learning_rate` - the largest stable gradient-descent step for MSE.
+* :func:`kernel_regression` - the t = inf predictions at large n (CG, FALKON, random features; ntkit.solvers).
 
 Loss normalization: L = (1/m) sum_ij l(f_ij, y_ij); by default m = y.size (as neural-tangents), so
 MSE gradient flow is df/dt = -(eta / m) K (f - y). Other choices via ``loss_normalization``.
@@ -15,6 +16,7 @@ MSE gradient flow is df/dt = -(eta / m) K (f - y). Other choices via ``loss_norm
 
 from .ensemble import (EnsemblePredictor, GaussianPrediction, ensemble_from_architecture, gp_inference,
                        gradient_descent_mse_ensemble)
+from .large import kernel_regression
 from .linearize import LinearizedModel, linearize
 from .mse import EigenView, MSEPredictor, Prediction, gradient_descent_mse, max_learning_rate
 from .ode import LOSSES, ODEPredictor, gradient_descent
@@ -35,4 +37,5 @@ __all__ = [
     "gp_inference",
     "linearize",
     "LinearizedModel",
+    "kernel_regression",
 ]

@@ -25,6 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._validation import resolve_dtype
+from ..solvers import SOLVERS, choose_solver, kernel_ridge
 from ._kernels import make_kernel_function, validate_kernel_params
 
 __all__ = ["NTKRegressor", "NTKClassifier", "NNGPRegressor", "NNGPClassifier"]
@@ -140,11 +141,38 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         Training time (learning rate 1); None means infinity.
     diag_reg : float >= 0, default 0.0
         Diagonal regularization relative to the mean diagonal of K.
+    solver : {"auto", "cholesky", "cg", "nystrom", "features"}, default "auto"
+        How K alpha = Y is solved (``ntkit.solvers``). "cholesky": the direct solve above (any ``t``);
+        the others only for ``t=None``: "cg" exact, by conjugate gradients with kernel blocks computed on
+        the fly and a rank-``n_centers`` Nystrom preconditioner; "nystrom": FALKON on ``n_centers`` centers
+        (Rudi et al. 2017); "features": ridge regression on ``n_random_features`` NTK/NNGP random features
+        (Han et al. 2021; fully-connected ReLU networks). "auto": "cholesky" when ``t`` is set or the
+        n x n matrix fits (n <= 20 000), else "features" for n >= 200 000 when the kernel has them, else
+        "nystrom" (``ntkit.solvers.choose_solver``).
+    n_centers : int, optional
+        Nystrom centers / preconditioner rank (default min(n, max(100, 5 sqrt(n)))).
+    n_random_features : int, optional
+        Number of random features for ``solver="features"`` (default 4096).
+    tol : float, default 1e-8
+        Relative residual at which CG stops.
+    max_iter : int, optional
+        CG iterations at most.
+    memory_budget : float, optional
+        Bytes for kernel blocks and factors (default: half of the free memory).
+    random_state : int or None
+        Seeds the centers and the random features.
 
     Attributes
     ----------
     X_fit_ : ndarray (n_samples, n_features_in_)
     dual_coef_ : ndarray (n_samples,) or (n_samples, n_outputs)
+        On the training points ("cholesky", "cg") or on ``centers_`` ("nystrom"); the weights of the
+        features ("features").
+    solver_ : str
+        The solver used.
+    n_iter_ : int
+        CG iterations ("cg", "nystrom"; 1 for the direct solves, "cholesky" and "features").
+    solution_ : ntkit.solvers solution (not for "cholesky")
     kernel_function_ : ntkit.KernelFunction
     n_features_in_ : int
     """
@@ -153,7 +181,9 @@ class NTKRegressor(RegressorMixin, _KernelModel):
                  b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
                  config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, t: float | None = None, diag_reg: float = 0.0,
-                 dtype: Any = "float64", device: Any = None):
+                 dtype: Any = "float64", device: Any = None, solver: str = "auto", n_centers: int | None = None,
+                 n_random_features: int | None = None, tol: float = 1e-8, max_iter: int | None = None,
+                 memory_budget: float | None = None, random_state: Any = None):
         self.kernel = kernel
         self.depth = depth
         self.activation = activation
@@ -169,6 +199,13 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         self.diag_reg = diag_reg
         self.dtype = dtype
         self.device = device
+        self.solver = solver
+        self.n_centers = n_centers
+        self.n_random_features = n_random_features
+        self.tol = tol
+        self.max_iter = max_iter
+        self.memory_budget = memory_budget
+        self.random_state = random_state
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -178,18 +215,49 @@ class NTKRegressor(RegressorMixin, _KernelModel):
     def fit(self, X, y):
         """Fit on ``X`` (n, d) and targets ``y`` (n,) or (n, k)."""
         self._check_common()
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}.")
+        if self.t is not None and self.solver not in ("auto", "cholesky"):
+            raise ValueError(f"solver={self.solver!r} computes t = infinity only (kernel ridge regression); use "
+                             "t=None, or solver='cholesky' for a finite training time.")
+        if not (isinstance(self.tol, numbers.Real) and not isinstance(self.tol, bool) and 0 < self.tol < 1):
+            raise ValueError(f"tol must be a number in (0, 1), got {self.tol!r}.")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True)
         self.kernel_function_ = self._kernel_function()
         self.X_fit_ = np.array(X, dtype=np.float64, copy=True)
-        K = self._gram(self.X_fit_)
-        self.dual_coef_ = self._fit_regression(K, np.asarray(y, dtype=np.float64))
+        n = self.X_fit_.shape[0]
+        solver = self.solver
+        if solver == "auto":
+            solver = "cholesky" if self.t is not None else choose_solver(
+                n, self.kernel_function_, memory_budget=self.memory_budget,
+                item=torch.finfo(resolve_dtype(self.dtype)).bits // 8, device=self.device)
+        self.solver_ = solver
+        self.n_iter_ = 1
+        y = np.asarray(y, dtype=np.float64)
+        if solver == "cholesky":
+            K = self._gram(self.X_fit_)
+            self.dual_coef_ = self._fit_regression(K, y)
+            return self
+        sol = kernel_ridge(self.kernel_function_, self.X_fit_, y, diag_reg=float(self.diag_reg), solver=solver,
+                           n_centers=self.n_centers, n_components=self.n_random_features, tol=float(self.tol),
+                           max_iter=self.max_iter, random_state=self.random_state,
+                           memory_budget=self.memory_budget, dtype=resolve_dtype(self.dtype), device=self.device,
+                           progress=False)
+        self.solution_ = sol
+        self.n_iter_ = max(1, int(getattr(sol, "iterations", 0)))
+        coef = (sol.weights if solver == "features" else sol.coef).to("cpu", torch.float64).numpy()
+        self.dual_coef_ = coef[:, 0] if y.ndim == 1 else coef
+        if solver == "nystrom":
+            self.centers_ = sol.centers.to("cpu", torch.float64).numpy()
         return self
 
     def predict(self, X):
         """Mean prediction f_t(X), shape (n,) or (n, k) like the training targets."""
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float64, reset=False)
-        return self._gram(X, self.X_fit_) @ self.dual_coef_
+        if getattr(self, "solver_", "cholesky") == "cholesky":
+            return self._gram(X, self.X_fit_) @ self.dual_coef_
+        return np.asarray(self.solution_.predict(np.array(X, dtype=np.float64)), dtype=np.float64)
 
 
 class NTKClassifier(ClassifierMixin, _KernelModel):
@@ -302,10 +370,14 @@ class NNGPRegressor(NTKRegressor):
                  b_std: float = 0.1, fixed_layers: int = 0, parameterization: str = "ntk", width: Any = None,
                  config: Any = None,
                  length_scale: float = 1.0, gamma: float = 1.0, t: float | None = None, diag_reg: float = 0.0,
-                 dtype: Any = "float64", device: Any = None):
+                 dtype: Any = "float64", device: Any = None, solver: str = "auto", n_centers: int | None = None,
+                 n_random_features: int | None = None, tol: float = 1e-8, max_iter: int | None = None,
+                 memory_budget: float | None = None, random_state: Any = None):
         super().__init__(kernel, depth=depth, activation=activation, W_std=W_std, b_std=b_std,
                          fixed_layers=fixed_layers, parameterization=parameterization, width=width, config=config,
-                         length_scale=length_scale, gamma=gamma, t=t, diag_reg=diag_reg, dtype=dtype, device=device)
+                         length_scale=length_scale, gamma=gamma, t=t, diag_reg=diag_reg, dtype=dtype, device=device,
+                         solver=solver, n_centers=n_centers, n_random_features=n_random_features, tol=tol,
+                         max_iter=max_iter, memory_budget=memory_budget, random_state=random_state)
 
 
 class NNGPClassifier(NTKClassifier):

@@ -13,6 +13,9 @@ ESTIMATORS = [
     NTKClassifier(solver="regression", depth=2),
     NTKRegressor(kernel="laplace", diag_reg=0.1),
     NTKRegressor(depth=2, parameterization="standard", width=16),
+    NTKRegressor(solver="cg", diag_reg=1e-3, n_centers=10, random_state=0),
+    NTKRegressor(solver="nystrom", diag_reg=1e-3, random_state=0),
+    NTKRegressor(solver="features", diag_reg=1e-3, n_random_features=256, random_state=0),
 ]
 
 

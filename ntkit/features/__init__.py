@@ -1,0 +1,14 @@
+"""Explicit feature maps of the infinite-width kernels, for linear methods at large n.
+
+* :class:`NTKRandomFeatures` - arc-cosine random features combined across layers by TensorSRHT
+  (Han et al. 2021), NNGP or NTK of fully-connected ReLU networks, optional leverage-score sampling.
+* :class:`NTKSketch` - non-negative polynomial fits of the arc-cosine duals and PolySketch (Zandieh et al. 2021).
+
+Transformers in the scikit-learn ``kernel_approximation`` style: ``fit`` / ``transform`` /
+``fit_transform`` / ``iter_transform``; numpy in -> numpy out, torch in -> torch out.
+"""
+
+from ._random_features import NTKRandomFeatures
+from ._sketch_ntk import NTKSketch, arccos_polynomials
+
+__all__ = ["NTKRandomFeatures", "NTKSketch", "arccos_polynomials"]

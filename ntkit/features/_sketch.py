@@ -1,0 +1,76 @@
+"""Randomized sketches of tensor products: the fast Walsh-Hadamard transform and TensorSRHT.
+
+TensorSRHT (Ahle et al. 2020; Han et al. 2021, Sec. 3.2): for u in R^p and v in R^q,
+
+    S(u (x) v) = (1 / sqrt(m)) (P1 H D1 u) * (P2 H D2 v)          (elementwise product, length m)
+
+with H the unnormalized +-1 Hadamard matrix (after zero-padding to a power of two), D1, D2 diagonal
+matrices of independent random signs and P1, P2 independent uniform row samplers. For every pair of
+inputs E[<S(u (x) v), S(u' (x) v')>] = <u, u'> <v, v'>: the sketch is unbiased, and its cost per
+vector is O((p + q) log(p + q) + m) instead of the O(p q) of the explicit tensor product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["fwht", "TensorSRHT"]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized fast Walsh-Hadamard transform along the last axis (its length a power of two)."""
+    n, p = x.shape[0], x.shape[-1]
+    if p & (p - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {p}")
+    y = x
+    h = 1
+    while h < p:
+        y = y.reshape(n, p // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(n, p)
+
+
+class _SRHT:
+    """One factor of a TensorSRHT: x -> (P H D x)[rows], unnormalized, for inputs of dimension ``dim``."""
+
+    def __init__(self, dim: int, m: int, gen: torch.Generator):
+        self.dim = int(dim)
+        self.pad = _next_pow2(self.dim)
+        self.signs = (torch.randint(0, 2, (self.dim,), generator=gen, dtype=torch.int64) * 2 - 1).to(torch.float64)
+        self.rows = torch.randint(0, self.pad, (int(m),), generator=gen, dtype=torch.int64)
+
+    def to(self, dtype, device):
+        self.signs = self.signs.to(dtype=dtype, device=device)
+        self.rows = self.rows.to(device=device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * self.signs
+        if self.pad != self.dim:
+            y = torch.nn.functional.pad(y, (0, self.pad - self.dim))
+        return fwht(y)[:, self.rows]
+
+
+class TensorSRHT:
+    """Unbiased sketch of u (x) v for batches ``u`` (n, p), ``v`` (n, q) into (n, m) (module docstring)."""
+
+    def __init__(self, p: int, q: int, m: int, gen: torch.Generator):
+        self.m = int(m)
+        self.left = _SRHT(p, m, gen)
+        self.right = _SRHT(q, m, gen)
+
+    def to(self, dtype, device) -> "TensorSRHT":
+        self.left.to(dtype, device)
+        self.right.to(dtype, device)
+        return self
+
+    def __call__(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.left(u).mul_(self.right(v)).mul_(1.0 / math.sqrt(self.m))

@@ -1,0 +1,164 @@
+"""NTK Sketch (Zandieh, Han, Avron, Shoham, Kim and Shin, NeurIPS 2021): polynomial fits of the arc-cosine
+duals and PolySketch, layer by layer."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._plan import DenseOp
+from ._random_features import NTKRandomFeatures
+from ._sketch import TensorSRHT, _SRHT
+
+__all__ = ["NTKSketch", "arccos_polynomials"]
+
+
+@lru_cache(maxsize=None)
+def arccos_polynomials(a: float, b: float, degree: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Non-negative polynomial fits of the normalized duals of phi(z) = a min(z, 0) + b max(z, 0).
+
+    With rho the correlation, theta = arccos(rho), k = (a - b)^2 / (2 pi), D(rho) = (a^2 + b^2)/2 - k theta:
+    E[phi(u) phi(v)] / sqrt(q q') = F(rho) = k sqrt(1 - rho^2) + D(rho) rho and E[phi'(u) phi'(v)] = D(rho)
+    (Cho & Saul 2009). Both have Maclaurin series with non-negative coefficients (D = (a+b)^2/4 +
+    k arcsin(rho), F' = D), so they are kernels of the form sum_j c_j <u, u'>^j. As in Zandieh et al. (2021,
+    Sec. 4.1) a degree-``degree`` polynomial with c_j >= 0 is fitted on [-1, 1] (non-negative least squares
+    on Chebyshev points, exact at rho = 1 up to the fit). Returns (c, e, max error of F, max error of D).
+    """
+    from scipy.optimize import nnls
+
+    theta = np.linspace(0.0, math.pi, 4001)
+    rho = np.cos(theta)
+    k = (a - b) ** 2 / (2 * math.pi)
+    dfun = (a * a + b * b) / 2 - k * theta
+    ffun = k * np.sin(theta) + dfun * rho
+    vander = rho[:, None] ** np.arange(degree + 1)[None, :]
+    w = np.ones_like(rho)
+    w[0] = 100.0  # rho = 1: the diagonal of the kernel
+    out = []
+    for target in (ffun, dfun):
+        coef, _ = nnls(vander * w[:, None], target * w)
+        out.append(coef)
+    c, e = out
+    return c, e, float(np.abs(vander @ c - ffun).max()), float(np.abs(vander @ e - dfun).max())
+
+
+class NTKSketch(NTKRandomFeatures):
+    """NTK Sketch: features of the NTK/NNGP of ReLU networks by polynomial sketches (Zandieh et al. 2021).
+
+    Each activation's dual is replaced by its non-negative polynomial fit F(rho) ~ sum_j c_j rho^j,
+    D(rho) ~ sum_j e_j rho^j (:func:`arccos_polynomials`); a kernel sum_j c_j <u, u'>^j of unit vectors u
+    has the features [sqrt(c_0), sqrt(c_1) P_1(u), ..., sqrt(c_p) P_p(u)] with P_j a PolySketch of u^(x)j
+    (P_1 an SRHT, P_j = TensorSRHT(P_{j-1}, u); Ahle et al. 2020), unbiased for <u, u'>^j. The layers are
+    combined as in :class:`NTKRandomFeatures` (Dense: concatenation; Theta * Sigma_dot: TensorSRHT).
+    Inputs of every activation are normalized by the exact per-sample variance q(x) (known in closed form
+    along the diagonal: Dense q -> W_std^2 q + b_std^2, activation q -> (a^2 + b^2)/2 q), so biases are
+    supported at any depth; Zandieh et al. assume unit-norm inputs and no biases.
+
+    Deterministic approximation error (the polynomial fit, max error ``fit_error_``) plus sketching noise
+    O(1/sqrt(n_components)); no Gaussian weight matrices, so the cost per input is
+    O(degree * n_components * log) after the first layer's O(d * n_components).
+
+    Parameters
+    ----------
+    architecture, n_components, kernel, random_state, dtype, device, memory_budget, batch_size, progress
+        As :class:`NTKRandomFeatures` (same supported layers; ``n_components_`` may be below
+        ``n_components`` by less than ``degree``, the features being split evenly across degrees).
+    degree : int, default 8
+        Degree of the polynomial fits.
+    """
+
+    def __init__(self, architecture: Any, n_components: int = 1024, *, kernel: str = "ntk",
+                 random_state: Any = None, degree: int = 8, dtype: Any = None, device: Any = None,
+                 memory_budget: float | None = None, batch_size: int | None = None, progress: bool = True):
+        super().__init__(architecture, n_components, kernel=kernel, random_state=random_state, sampling="gaussian",
+                         dtype=dtype, device=device, memory_budget=memory_budget, batch_size=batch_size,
+                         progress=progress)
+        self.degree = degree
+
+    def _fit(self, d: int, gen: torch.Generator) -> None:
+        if isinstance(self.degree, bool) or int(self.degree) != self.degree or not 1 <= self.degree <= 32:
+            raise ValueError(f"degree must be an integer in [1, 32], got {self.degree!r}")
+        p = int(self.degree)
+        super()._fit(d, gen)  # reads the architecture, allocates widths (m1, ms); its Gaussian draws are unused
+        m1, ms = self.widths_["arccos1"], self.widths_["sketch"] or 1
+        mj = max(1, (m1 - 1) // p)
+        act_dim = 1 + p * mj
+        ntk = self.kernel == "ntk"
+        params: list = []
+        s, t = d, None
+        self._max_dim = d
+        self.fit_error_ = 0.0
+        for op in self.ops_:
+            if isinstance(op, DenseOp):
+                s = s + (1 if op.b_std > 0 else 0)
+                if ntk and op.trainable:
+                    t = s + (t or 0)
+                params.append(None)
+                continue
+            c, e, err_f, err_d = arccos_polynomials(op.a, op.b, p)
+            self.fit_error_ = max(self.fit_error_, err_f, err_d if ntk else 0.0)
+            first = _SRHT(s, mj, gen)
+            chain = [TensorSRHT(mj, s, mj, gen) for _ in range(p - 1)]
+            sk = TensorSRHT(t, act_dim, ms, gen) if (ntk and t is not None) else None
+            params.append((torch.as_tensor(c), torch.as_tensor(e), first, chain, sk))
+            self._max_dim = max(self._max_dim, 2 * s + 2 * act_dim + 4 * ms + (2 * (t or 0)))
+            s, t = act_dim, (ms if t is not None else None)
+        self.n_components_ = t if ntk else s
+        self.widths_ = {"per_degree": mj, "degree": p, "sketch": ms if ntk else 0}
+        self._params64 = params
+        self._params = None
+        self._params_key = None
+
+    def _to(self, dtype, device):
+        key = (dtype, str(device))
+        if self._params_key == key:
+            return
+        out = []
+        for prm in self._params64:
+            if prm is None:
+                out.append(None)
+                continue
+            c, e, first, chain, sk = prm
+            out.append((c.to(dtype=dtype, device=device), e.to(dtype=dtype, device=device), first.to(dtype, device),
+                        [tk.to(dtype, device) for tk in chain], None if sk is None else sk.to(dtype, device)))
+        self._params, self._params_key = out, key
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        ntk = self.kernel == "ntk"
+        d = x.shape[1]
+        s = x * (1.0 / math.sqrt(d))
+        q = (s * s).sum(1)
+        t = None
+        for op, prm in zip(self.ops_, self._params):
+            if isinstance(op, DenseOp):
+                s = s * op.W_std if op.W_std != 1.0 else s
+                q = q * op.W_std**2 + op.b_std**2
+                if op.b_std > 0:
+                    s = torch.cat([s, s.new_full((s.shape[0], 1), op.b_std)], dim=1)
+                if ntk:
+                    if op.trainable:
+                        t = s if t is None else torch.cat([s, t * op.W_std], dim=1)
+                    elif t is not None:
+                        t = t * op.W_std
+                continue
+            c, e, first, chain, sk = prm
+            norm = s.norm(dim=1, keepdim=True)
+            u = s / torch.where(norm > 0, norm, torch.ones_like(norm))
+            mj = first.rows.shape[0]
+            pj = first(u) * (1.0 / math.sqrt(mj))
+            powers = [pj]
+            for tk in chain:
+                pj = tk(pj, u)
+                powers.append(pj)
+            ones = u.new_ones((u.shape[0], 1))
+            sq = torch.sqrt(q)[:, None]
+            if ntk and t is not None:
+                dot = torch.cat([ones * e[0].sqrt()] + [pw * e[j + 1].sqrt() for j, pw in enumerate(powers)], dim=1)
+                t = sk(t, dot)
+            s = torch.cat([ones * c[0].sqrt()] + [pw * c[j + 1].sqrt() for j, pw in enumerate(powers)], dim=1) * sq
+            q = q * ((op.a**2 + op.b**2) / 2)
+        return t if ntk else s

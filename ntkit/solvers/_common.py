@@ -1,0 +1,83 @@
+"""Shared pieces of the solvers: kernel access by blocks, targets, the regularization convention."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._validation import as_float_tensor, available_memory_bytes, check_memory, resolve_dtype
+from ..kernels import Architecture
+from ..kernels.base import KernelFunction
+
+__all__ = ["as_kernel", "as_targets", "as_inputs", "regularization", "row_block", "blockwise_matmul", "kernel_blocks"]
+
+# Number of (rows x cols) float buffers alive while an architecture kernel evaluates one block.
+_LIVE = 14
+
+
+def as_kernel(kernel: Any, get: str = "ntk") -> KernelFunction:
+    """A KernelFunction: given as one, or an Architecture's ``kernel_fn(get)``."""
+    if isinstance(kernel, Architecture):
+        return kernel.kernel_fn(get)
+    if isinstance(kernel, KernelFunction):
+        return kernel
+    raise TypeError(f"kernel must be an ntkit.KernelFunction (e.g. arch.kernel_fn('ntk'), ntkit.Laplace(1.0)) or "
+                    f"an ntkit.Architecture, got {type(kernel).__name__}")
+
+
+def as_targets(y: Any, n: int, *, dtype, device) -> tuple[torch.Tensor, bool]:
+    """Targets as (n, k) tensor; returns (tensor, was_1d)."""
+    t = torch.as_tensor(np.asarray(y, dtype=np.float64)) if not isinstance(y, torch.Tensor) else y
+    t = t.to(dtype=dtype, device=device)
+    if t.ndim not in (1, 2):
+        raise ValueError(f"y must have 1 or 2 dimensions (n,) or (n, k), got shape {tuple(t.shape)}")
+    one_d = t.ndim == 1
+    if one_d:
+        t = t[:, None]
+    if t.shape[0] != n:
+        raise ValueError(f"y has {t.shape[0]} rows but x has {n}; pass one target row per input row")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("y contains NaN or Inf; remove or impute those samples first")
+    return t, one_d
+
+
+def as_inputs(x: Any, name: str, dtype=torch.float64, device=None) -> torch.Tensor:
+    t = as_float_tensor(x, name, dtype=resolve_dtype(dtype), device=device)
+    return t.reshape(t.shape[0], -1)
+
+
+def regularization(kernel: KernelFunction, x: torch.Tensor, diag_reg: float, absolute: bool) -> float:
+    """lambda of (K + lambda I): ``diag_reg`` itself, or ``diag_reg * trace(K) / n`` (ntkit's and
+    neural-tangents' relative convention), the trace from the kernel's O(n d) diagonal."""
+    if isinstance(diag_reg, bool) or not isinstance(diag_reg, (int, float)) or not (0 <= diag_reg < math.inf):
+        raise ValueError(f"diag_reg must be a finite number >= 0, got {diag_reg!r}")
+    if absolute or diag_reg == 0:
+        return float(diag_reg)
+    return float(diag_reg) * float(kernel(x, diagonal=True, dtype=x.dtype).mean())
+
+
+def row_block(n_cols: int, item: int, memory_budget: float | None, device, what: str) -> int:
+    """Rows of a (rows, n_cols) kernel block that fit in the budget with its temporaries."""
+    budget = memory_budget if memory_budget is not None else 0.5 * available_memory_bytes(device)
+    rows = int(budget // (_LIVE * n_cols * item))
+    check_memory(_LIVE * n_cols * item, budget, f"one row of {what} ({n_cols} columns, with temporaries)",
+                 "raise memory_budget or use fewer centers")
+    return max(1, rows)
+
+
+def kernel_blocks(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor, rows: int):
+    """Yield (start, K(x1[start:start+rows], x2)) block by block (computed on the fly, never stored)."""
+    for i in range(0, x1.shape[0], rows):
+        yield i, kernel(x1[i:i + rows], x2, dtype=x1.dtype)
+
+
+def blockwise_matmul(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """K(x1, x2) @ v by row blocks of x1."""
+    out = v.new_empty((x1.shape[0], v.shape[1]))
+    for i, blk in kernel_blocks(kernel, x1, x2, rows):
+        out[i:i + blk.shape[0]] = blk @ v
+    return out
+

@@ -1,0 +1,133 @@
+"""NTKRandomFeatures: inner products converge to arch.kernel (slope -1/2), unbiased at one hidden layer,
+the transformer contract (numpy/torch, dtypes, batches) and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ntkit
+from ntkit.features import NTKRandomFeatures
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def x():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(30, 6, generator=g, dtype=torch.float64)
+
+
+def _rel_err(arch, x, kernel, m, seed, **kw):
+    f = NTKRandomFeatures(arch, m, kernel=kernel, random_state=seed, **kw).fit_transform(x)
+    k = arch.kernel(x, get=kernel)
+    return float((f @ f.T - k).norm() / k.norm())
+
+
+@pytest.mark.parametrize("depth,b_std,kernel", [(1, 0.0, "ntk"), (1, 0.5, "ntk"), (2, 0.2, "nngp"),
+                                                (3, 0.2, "ntk")])
+def test_error_decays_like_inverse_sqrt_m(x, depth, b_std, kernel):
+    arch = ntkit.mlp(depth, W_std=2**0.5, b_std=b_std)
+    ms = [128, 512, 2048]
+    errs = [np.mean([_rel_err(arch, x[:20], kernel, m, s) for s in range(3)]) for m in ms]
+    slope = np.polyfit(np.log(ms), np.log(errs), 1)[0]
+    assert -0.7 < slope < -0.35, (errs, slope)
+    assert errs[-1] < 0.2
+
+
+def _z_scores(arch, x, kernel, m, seeds, **kw):
+    k = arch.kernel(x, get=kernel)
+    est = torch.stack([(lambda f: f @ f.T)(NTKRandomFeatures(arch, m, kernel=kernel, random_state=s, **kw)
+                                           .fit_transform(x)) for s in range(seeds)])
+    mean, se = est.mean(0), est.std(0) / math.sqrt(seeds)
+    iu = torch.triu_indices(k.shape[0], k.shape[0])
+    return ((mean - k) / se)[iu[0], iu[1]], mean, se, k
+
+
+@pytest.mark.parametrize("kernel,sampling,b_std", [("ntk", "gaussian", 0.4), ("ntk", "leverage", 0.0),
+                                                   ("nngp", "gaussian", 0.4)])
+def test_unbiased_one_hidden_layer(x, kernel, sampling, b_std):
+    arch = ntkit.mlp(1, W_std=1.3, b_std=b_std)
+    xs = x[:8]
+    z, mean, se, k = _z_scores(arch, xs, kernel, 64, 150, sampling=sampling)
+    assert float(z.abs().max()) < 5.0, float(z.abs().max())
+    # the check has power: a 20% bias is many standard errors away
+    z_biased = ((mean - 1.2 * k) / se)
+    assert float(z_biased.abs().max()) > 5.0
+
+
+def test_leverage_sampling_lowers_variance_of_first_layer_term(x):
+    # the x.x' kappa_0 part of the two-layer NTK (readout frozen: Theta = W^2 Sigma_1 * Sigma_dot)
+    arch = ntkit.serial(ntkit.Dense(None, 1.0, 0.0), ntkit.Relu(), ntkit.Dense(1, 1.0, 0.0, trainable=False))
+    err = {s: np.mean([_rel_err(arch, x, "ntk", 512, seed, sampling=s) for seed in range(6)])
+           for s in ("gaussian", "leverage")}
+    assert err["leverage"] < 1.5 * err["gaussian"]  # same order; unbiasedness is checked above
+
+
+@pytest.mark.parametrize("act", [ntkit.LeakyRelu(0.2), ntkit.ABRelu(-0.5, 2.0)])
+def test_relu_family_and_frozen_layers(x, act):
+    x = x[:20]
+    arch = ntkit.serial(ntkit.Dense(None, 1.5, 0.3, trainable=False), act, ntkit.Dense(None, 1.2, 0.1), act,
+                        ntkit.Dense(1, 1.0, 0.2))
+    for kernel in ("ntk", "nngp"):
+        assert _rel_err(arch, x, kernel, 2048, 0) < 0.2
+
+
+def test_transformer_contract(x):
+    arch = ntkit.mlp(2, W_std=2**0.5, b_std=0.1)
+    rf = NTKRandomFeatures(arch, 300, random_state=3).fit(x)
+    assert rf.n_components_ == 300 and rf.n_features_in_ == 6
+    full = rf.transform(x)
+    assert isinstance(full, torch.Tensor) and full.dtype == torch.float64 and full.shape == (30, 300)
+    batched = NTKRandomFeatures(arch, 300, random_state=3, batch_size=7).fit(x).transform(x)
+    torch.testing.assert_close(batched, full, rtol=1e-12, atol=1e-12)
+    npy = rf.transform(x.numpy())
+    assert isinstance(npy, np.ndarray) and npy.dtype == np.float64
+    np.testing.assert_allclose(npy, full.numpy(), rtol=1e-12, atol=1e-12)
+    f32 = NTKRandomFeatures(arch, 300, random_state=3, dtype="float32").fit(x).transform(x)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), full, rtol=1e-4, atol=1e-5)
+    # same seed -> same features; another seed -> others
+    again = NTKRandomFeatures(arch, 300, random_state=3).fit_transform(x)
+    torch.testing.assert_close(again, full, rtol=0, atol=0)
+    other = NTKRandomFeatures(arch, 300, random_state=4).fit_transform(x)
+    assert not torch.allclose(other, full)
+    nngp = NTKRandomFeatures(arch, 100, kernel="nngp", random_state=0).fit_transform(x)
+    assert nngp.shape == (30, 100)
+
+
+def test_bad_input(x):
+    arch = ntkit.mlp(1)
+    with pytest.raises(ValueError, match="n_components must be a positive integer"):
+        NTKRandomFeatures(arch, 0).fit(x)
+    rf = NTKRandomFeatures(arch, 64, random_state=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        rf.transform(x)
+    rf.fit(x)
+    bad = x.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 4 contains NaN"):
+        rf.transform(bad)
+    with pytest.raises(ValueError, match="features"):
+        rf.transform(x[:, :5])
+    with pytest.raises(ntkit.ConfigError, match=r"layer 1.*'erf'.*supported: fully-connected"):
+        NTKRandomFeatures(ntkit.mlp(1, activation=ntkit.Erf()), 64).fit(x)
+    with pytest.raises(ntkit.ConfigError, match="parameterization"):
+        NTKRandomFeatures(ntkit.mlp(1, parameterization="standard"), 64).fit(x)
+    with pytest.raises(ntkit.ConfigError, match="fanout"):
+        NTKRandomFeatures(ntkit.serial(ntkit.Dense(4), ntkit.Relu(),
+                                       ntkit.residual(ntkit.Dense(4), ntkit.Relu(), ntkit.Dense(4)),
+                                       ntkit.Dense(1)), 64).fit(x)
+    with pytest.raises(ValueError, match="too small"):
+        NTKRandomFeatures(ntkit.mlp(1, b_std=0.1), 2).fit(x)
+    with pytest.raises(ValueError, match="working memory"):
+        NTKRandomFeatures(arch, 64, memory_budget=100).fit(x).transform(x)
+    # a budget of a few rows gives the same features in more batches
+    small = NTKRandomFeatures(arch, 64, random_state=0, memory_budget=64 * 8 * 40).fit(x)
+    assert small._batch_rows(30, 8, x.device) < 30
+    torch.testing.assert_close(small.transform(x), NTKRandomFeatures(arch, 64, random_state=0).fit_transform(x))
+    with pytest.raises(ValueError, match="kernel must be"):
+        NTKRandomFeatures(arch, 64, kernel="rbf").fit(x)
