@@ -49,7 +49,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs
-from ._rules import (LINEAR_LIKE, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
+from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
                      module_param_names, pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
@@ -294,7 +294,7 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     try:
         with torch.enable_grad():
             node_outs = [c.o for c in rec.calls]
-            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True)
+            grads = [list(torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True))
                      for a in range(k)] if node_outs else []
             if node_outs and n > 1:
                 # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
@@ -311,9 +311,13 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
         o = call.o.detach()
         if not call.names & ok:
             feats.append(None)
+            for b in range(k):
+                grads[b][idx] = None
             continue
         g_all = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o)
                              for b in range(k)])  # (k, *o.shape)
+        for b in range(k):
+            grads[b][idx] = None  # one copy of the cotangents at a time
         feat = None
         for lay in layouts(call, n):  # the first layout the row check confirms
             g = apply_layout(g_all, lay, n, offset=1).transpose(0, 1)  # (n, k, ...)
@@ -450,8 +454,10 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
 
     * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: m A (one block's graph) + 2 (n1 k + n2 k2) W + (n1 + n2) I (cotangents, inputs)
-      + 2 m k M (per-sample gradients of one layer) + result
+    * structured: 2 m A (one block's graph and a backward pass through it) + 1.25 (n1 k + n2 k2) W
+      (cotangents, and the copies one layer's rule makes) + (n1 + n2) I (inputs)
+      + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in row chunks of at most 2^25
+      numbers) + result
     * result:     n1 n2 k k2
     """
     k2 = k if k2 is None else k2
@@ -461,8 +467,9 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
         return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
         return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
-    return itemsize * (m * activations + 2 * (n1 * k + n2 * k2) * width_sum + (n1 + n2) * inputs_sum
-                       + 2 * m * max(k, k2) * max_grad + out)
+    grad = 2 * min(m * max(k, k2) * max_grad, GRAD_CHUNK)
+    return itemsize * (2 * m * activations + (5 * (n1 * k + n2 * k2) * width_sum) // 4 + (n1 + n2) * inputs_sum
+                       + grad + out)
 
 
 def empirical_ntk(

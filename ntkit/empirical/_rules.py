@@ -438,7 +438,8 @@ def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
     return aa if output == "trace" else aa[:, :, None] if output == "diagonal" else aa[:, :, None, None]
 
 
-_PAIR_CHUNK = 1 << 22  # numbers per gathered chunk of matched token pairs
+_PAIR_CHUNK = 1 << 22
+GRAD_CHUNK = 1 << 25  # numbers of one side's per-sample weight gradients formed at a time  # numbers per gathered chunk of matched token pairs
 
 
 def _embedding_term(e1, e2, output: str) -> torch.Tensor:
@@ -518,9 +519,26 @@ def pair_term(f1, f2, weight: bool, output: str, cache: dict, key) -> torch.Tens
         spec = {"full": "ijab", "diagonal": "ija", "trace": "ij"}[output]
         term = torch.einsum(f"ijpq,iapc,j{'a' if output != 'full' else 'b'}qc->{spec}", aa, g1, g2)
         return term.div_(g1.shape[1]) if output == "trace" else term
-    # many positions: per-sample weight gradients (n, k, d c), then their inner products
-    if ("m1", key[0]) not in cache:
-        cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
-    m1 = cache["m1", key[0]]
-    m2 = m1 if f2 is f1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
-    return contract(m1, m2, output)
+    # many positions: per-sample weight gradients (n, k, d c), then their inner products -- in row chunks
+    # of at most GRAD_CHUNK numbers per side
+    k = g1.shape[1]
+    rows = max(1, GRAD_CHUNK // max(1, k * d * c))
+    n1, n2 = a1.shape[0], a2.shape[0]
+    if n1 <= rows and n2 <= rows:
+        if ("m1", key[0]) not in cache:
+            cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
+        m1 = cache["m1", key[0]]
+        m2 = m1 if f2 is f1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
+        return contract(m1, m2, output)
+    out = None
+    for i0 in range(0, n1, rows):
+        m1 = torch.einsum("ipd,iapc->iadc", a1[i0:i0 + rows], g1[i0:i0 + rows]).flatten(2)
+        for j0 in range(0, n2, rows):
+            m2 = torch.einsum("ipd,iapc->iadc", a2[j0:j0 + rows], g2[j0:j0 + rows]).flatten(2)
+            part = contract(m1, m2, output)
+            if out is None:
+                out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
+            out[i0:i0 + rows, j0:j0 + rows] = part
+            del m2, part
+        del m1
+    return out
