@@ -13,20 +13,31 @@ Three implementations, which must agree to rounding (tested against brute-force 
   structure the contribution is assembled from layer inputs a and output cotangents g, never forming
   the Jacobian: a Linear layer gives (a1 a2^T) (.) (g1 g2^T) (Hadamard product), a bias g1 g2^T, a
   convolution the same over patches and positions (a double sum over positions, since weights are
-  shared). Parameters of any other module fall back to the Jacobian method, restricted to them.
-  Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact;
+  shared); an nn.Embedding the token-match counts times the cotangent products; the affine parameters of
+  LayerNorm, GroupNorm and eval-mode BatchNorm their per-sample gradients sum xhat g and sum g; the input
+  and output projections of nn.MultiheadAttention (and so of nn.Transformer* layers) the Linear rule on
+  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). Parameters of any other
+  module fall back to the Jacobian method, restricted to them. Memory ~ (n1 + n2) k (sum of layer widths
+  x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
   samples one at a time (train-mode BatchNorm, normalisation over the batch or dropout fail the check),
-  and then uses the Jacobian or NTK-vector method on the whole batch instead. The structured rule takes
-  the parameters of nn.Linear, nn.Conv1d/2d and ntkit's Dense layers running their own ``forward`` (not
-  overridden, no user hooks); every block then checks, on its own autograd graph, that (i) each such
-  parameter is used only through recorded layer calls (edge count into its gradient accumulator: no
-  ``x @ layer.weight`` elsewhere, no attention ``out_proj`` used through ``F.linear``, no ``torch.where``
-  routing some samples around the layer), (ii) every call sees the batch along its first axis, and (iii)
-  row p of every recorded output belongs to sample p (a random per-sample cotangent must reach row p
-  scaled by its own weight: sorting or permuting the batch inside the model fails it). In-place operations
-  on recorded outputs are detected by version counter and the block is recomputed on copies; calls under
-  ``no_grad`` do not count. Any parameter that fails goes to the Jacobian method for that block.
+  and then uses the Jacobian or NTK-vector method on the whole batch instead. The structured rules take
+  the parameters of modules running their library ``forward`` (not overridden, no user hooks); every
+  block then checks, on its own autograd graph, that (i) each such parameter is used only through
+  recorded calls (edge count into its gradient accumulator: no ``x @ layer.weight`` elsewhere, no chunk
+  of attention's packed weight used on its own, no ``torch.where`` routing some samples around the layer),
+  (ii) every call has a batch layout -- its first axis, its second (sequence-first attention) or
+  interleaved in a flattened first axis (attention's output projection) -- under which (iii) row p of the
+  call belongs to sample p (a random per-sample cotangent must reach row p scaled by its own weight:
+  sorting or permuting the batch inside the model fails it), and (iv) the embedding and norm rules
+  reproduce the call's output from its input. In-place operations on recorded outputs are detected by
+  version counter and the block is recomputed on copies; calls under ``no_grad`` do not count. Any
+  parameter that fails goes to the Jacobian method for that block.
+
+Inputs may be a tensor, a tuple of positional arguments, a dict of keyword arguments, nested; integer
+leaves (token ids, masks) included (``_inputs.py``). Blocks run over samples and, when k is large, over
+output units (``output_batch_size``), so that the result plus one block's estimated peak
+(:func:`peak_memory_estimate`) fit ``memory_budget``.
 
 ``"auto"`` chooses the implementation with the smallest FLOP count (:func:`cost_estimate`) among the
 valid ones whose block fits the memory budget (:func:`peak_memory_estimate`); every choice returns the
@@ -240,8 +251,8 @@ def _accumulator_edges(root, target: Mapping[int, str], stop=None) -> tuple[dict
 
 def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls, names, pid) -> set[str]:
     """Parameters of ``names`` that the autograd graph of ``out`` uses anywhere but inside the recorded
-    layer calls that ``out`` depends on -- ``x @ layer.weight`` elsewhere, attention's
-    ``F.linear(x, out_proj.weight)``, a ``torch.where`` that routes some samples around the layer (while a
+    layer calls that ``out`` depends on -- ``x @ layer.weight`` elsewhere, a chunk of attention's packed
+    projection used on its own, a ``torch.where`` that routes some samples around the layer (while a
     detached call of the same layer contributes nothing). Counts the edges into each parameter's gradient
     accumulator in the whole graph and inside the reachable recorded calls (from the call's output node down
     to its input's node): they must agree. Structural, exact, and cheap (walks over the graph's nodes)."""
@@ -444,13 +455,14 @@ def _samples_independent(fwd: "_Forward", params, t1: Inputs, t2: Inputs | None)
 
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
-                         max_grad: int = 0, k2: int | None = None) -> int:
+                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
     W = ``width_sum``, the structured layers' output numbers per sample; I = ``inputs_sum``, their input
     (patch) numbers per sample; M = ``max_grad``, the largest per-sample weight gradient a shared-position
-    layer forms; m = max(n1, n2).
+    layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
+    structured features are computed once (the n2 terms drop out).
 
     * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
@@ -463,6 +475,9 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
     k2 = k if k2 is None else k2
     out = n1 * n2 * k * k2
     m = max(n1, n2)
+    if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
+        return itemsize * (2 * m * activations + (5 * n1 * k * width_sum) // 4 + n1 * inputs_sum
+                           + 2 * min(m * k * max_grad, GRAD_CHUNK) + out)
     if implementation == "jacobian":
         return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
@@ -636,7 +651,8 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         rec_s.remove()
 
     def need(b, kc):
-        return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes)
+        return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
+                                    symmetric=t2 is None and b >= n1 and kc >= k)
 
     bs = batch_size if batch_size is not None else max(n1, n2)
     kc = output_batch_size if output_batch_size is not None else k

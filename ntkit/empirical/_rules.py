@@ -425,12 +425,12 @@ def contract(u1: torch.Tensor, u2: torch.Tensor, output: str) -> torch.Tensor:
     "full" (n1, n2, k, k); "diagonal" (n1, n2, k) (a = b only); "trace" (n1, n2), the mean over a of the
     diagonal (never forming the k x k blocks)."""
     n1, k, f = u1.shape
-    n2 = u2.shape[0]
+    n2, k2 = u2.shape[:2]
     if output == "trace":
         return (u1.reshape(n1, k * f) @ u2.reshape(n2, k * f).T).div_(k)
     if output == "diagonal":
         return torch.bmm(u1.transpose(0, 1), u2.permute(1, 2, 0)).permute(1, 2, 0)
-    return (u1.reshape(n1 * k, f) @ u2.reshape(n2 * k, f).T).reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+    return (u1.reshape(n1 * k, f) @ u2.reshape(n2 * k2, f).T).reshape(n1, k, n2, k2).permute(0, 2, 1, 3)
 
 
 def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
@@ -454,6 +454,7 @@ def _embedding_term(e1, e2, output: str) -> torch.Tensor:
 
     def rows(ids, g):
         n, length = ids.shape
+        k = g.shape[1]
         keep = ids.reshape(-1) >= 0
         key = (torch.arange(n, device=ids.device).repeat_interleave(length) * top + ids.reshape(-1))[keep]
         uniq, inv = torch.unique(key, return_inverse=True)
@@ -468,7 +469,7 @@ def _embedding_term(e1, e2, output: str) -> torch.Tensor:
     lo = torch.searchsorted(t2s, t1, right=False)
     hi = torch.searchsorted(t2s, t1, right=True)
     counts = hi - lo
-    shape = {"full": (n1 * n2, k, k), "diagonal": (n1 * n2, k), "trace": (n1 * n2,)}[output]
+    shape = {"full": (n1 * n2, k, g2.shape[1]), "diagonal": (n1 * n2, k), "trace": (n1 * n2,)}[output]
     out = torch.zeros(shape, dtype=g1.dtype, device=g1.device)
     total = int(counts.sum())
     if total:
