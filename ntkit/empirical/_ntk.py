@@ -51,6 +51,7 @@ per-output kernel in the infinite-width limit; ``"full"`` (n1, n2, k, k); ``"dia
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -305,8 +306,7 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     try:
         with torch.enable_grad():
             node_outs = [c.o for c in rec.calls]
-            grads = [list(torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True))
-                     for a in range(k)] if node_outs else []
+            grads = _cotangents(out, node_outs) if node_outs else []
             if node_outs and n > 1:
                 # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
                 # recorded output must be sum_a C[p, a] g_a[p] -- true when sample p's output depends on row p
@@ -322,13 +322,11 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
         o = call.o.detach()
         if not call.names & ok:
             feats.append(None)
-            for b in range(k):
-                grads[b][idx] = None
+            grads[idx] = None
             continue
-        g_all = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o)
-                             for b in range(k)])  # (k, *o.shape)
-        for b in range(k):
-            grads[b][idx] = None  # one copy of the cotangents at a time
+        g_all = grads[idx] if grads[idx] is not None else torch.zeros((k,) + o.shape, dtype=o.dtype,
+                                                                       device=o.device)  # (k, *o.shape)
+        grads[idx] = None  # one copy of the cotangents at a time
         feat = None
         for lay in layouts(call, n):  # the first layout the row check confirms
             g = apply_layout(g_all, lay, n, offset=1).transpose(0, 1)  # (n, k, ...)
@@ -357,6 +355,30 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     ok -= mixed
     uses = {name: u for name, u in uses.items() if name in ok}
     return feats, uses, k, ok
+
+
+_BATCHED_BACKWARD = True  # one vmapped backward pass over the k output units (else k passes)
+
+
+def _cotangents(out: torch.Tensor, node_outs: list) -> list:
+    """For each recorded output o, the cotangents (k, *o.shape) of the k output units summed over the batch
+    (None where unused): one backward pass batched over the k unit cotangents, or k passes when an operation
+    of the model has no batching rule."""
+    n, k = out.shape
+    if _BATCHED_BACKWARD and k > 1:
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's note on operations without batching rules
+                got = torch.autograd.grad(out, node_outs, grad_outputs=eye[:, None, :].expand(k, n, k),
+                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return list(got)
+        except (RuntimeError, NotImplementedError):
+            pass
+    per = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True) for a in range(k)]
+    return [None if all(p[i] is None for p in per) else
+            torch.stack([p[i] if p[i] is not None else torch.zeros_like(node_outs[i]) for p in per])
+            for i in range(len(node_outs))]
 
 
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
@@ -466,10 +488,11 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
 
     * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: 2 m A (one block's graph and a backward pass through it) + 1.25 (n1 k + n2 k2) W
-      (cotangents, and the copies one layer's rule makes) + (n1 + n2) I (inputs)
-      + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in row chunks of at most 2^25
-      numbers) + result
+    * structured: 2 m A (one block's graph, and a backward pass through it) + 1.25 (n1 k + n2 k2) W
+      (cotangents from one backward pass batched over the k output units, and the copies a layer's rule
+      makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in
+      row chunks of at most 2^25 numbers per side) + result; a diagonal block of x2=None computes one
+      side (the n2 terms drop out)
     * result:     n1 n2 k k2
     """
     k2 = k if k2 is None else k2
