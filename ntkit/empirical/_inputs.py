@@ -16,7 +16,7 @@ import torch
 
 from .._validation import check_finite_rows
 
-__all__ = ["Inputs", "prepare_inputs"]
+__all__ = ["Inputs", "prepare_inputs", "check_pair_inputs"]
 
 
 class _Leaf:

@@ -62,7 +62,7 @@ from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs
 from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
-                     module_param_names, pair_term)
+                     pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
