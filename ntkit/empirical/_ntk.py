@@ -13,20 +13,31 @@ Three implementations, which must agree to rounding (tested against brute-force 
   structure the contribution is assembled from layer inputs a and output cotangents g, never forming
   the Jacobian: a Linear layer gives (a1 a2^T) (.) (g1 g2^T) (Hadamard product), a bias g1 g2^T, a
   convolution the same over patches and positions (a double sum over positions, since weights are
-  shared). Parameters of any other module fall back to the Jacobian method, restricted to them.
-  Memory ~ (n1 + n2) k (sum of layer widths x positions) numbers. Valid when samples do not interact;
+  shared); an nn.Embedding the token-match counts times the cotangent products; the affine parameters of
+  LayerNorm, GroupNorm and eval-mode BatchNorm their per-sample gradients sum xhat g and sum g; the input
+  and output projections of nn.MultiheadAttention (and so of nn.Transformer* layers) the Linear rule on
+  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). Parameters of any other
+  module fall back to the Jacobian method, restricted to them. Memory ~ (n1 + n2) k (sum of layer widths
+  x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
   samples one at a time (train-mode BatchNorm, normalisation over the batch or dropout fail the check),
-  and then uses the Jacobian or NTK-vector method on the whole batch instead. The structured rule takes
-  the parameters of nn.Linear, nn.Conv1d/2d and ntkit's Dense layers running their own ``forward`` (not
-  overridden, no user hooks); every block then checks, on its own autograd graph, that (i) each such
-  parameter is used only through recorded layer calls (edge count into its gradient accumulator: no
-  ``x @ layer.weight`` elsewhere, no attention ``out_proj`` used through ``F.linear``, no ``torch.where``
-  routing some samples around the layer), (ii) every call sees the batch along its first axis, and (iii)
-  row p of every recorded output belongs to sample p (a random per-sample cotangent must reach row p
-  scaled by its own weight: sorting or permuting the batch inside the model fails it). In-place operations
-  on recorded outputs are detected by version counter and the block is recomputed on copies; calls under
-  ``no_grad`` do not count. Any parameter that fails goes to the Jacobian method for that block.
+  and then uses the Jacobian or NTK-vector method on the whole batch instead. The structured rules take
+  the parameters of modules running their library ``forward`` (not overridden, no user hooks); every
+  block then checks, on its own autograd graph, that (i) each such parameter is used only through
+  recorded calls (edge count into its gradient accumulator: no ``x @ layer.weight`` elsewhere, no chunk
+  of attention's packed weight used on its own, no ``torch.where`` routing some samples around the layer),
+  (ii) every call has a batch layout -- its first axis, its second (sequence-first attention) or
+  interleaved in a flattened first axis (attention's output projection) -- under which (iii) row p of the
+  call belongs to sample p (a random per-sample cotangent must reach row p scaled by its own weight:
+  sorting or permuting the batch inside the model fails it), and (iv) the embedding and norm rules
+  reproduce the call's output from its input. In-place operations on recorded outputs are detected by
+  version counter and the block is recomputed on copies; calls under ``no_grad`` do not count. Any
+  parameter that fails goes to the Jacobian method for that block.
+
+Inputs may be a tensor, a tuple of positional arguments, a dict of keyword arguments, nested; integer
+leaves (token ids, masks) included (``_inputs.py``). Blocks run over samples and, when k is large, over
+output units (``output_batch_size``), so that the result plus one block's estimated peak
+(:func:`peak_memory_estimate`) fit ``memory_budget``.
 
 ``"auto"`` chooses the implementation with the smallest FLOP count (:func:`cost_estimate`) among the
 valid ones whose block fits the memory budget (:func:`peak_memory_estimate`); every choice returns the
@@ -39,14 +50,19 @@ per-output kernel in the infinite-width limit; ``"full"`` (n1, n2, k, k); ``"dia
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from .._validation import MemoryBudgetError, as_float_tensor, available_memory_bytes, format_bytes
-from ..kernels.layers import DenseModule
+from .._progress import progress
+from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
+from ._inputs import Inputs, check_pair_inputs, prepare_inputs
+from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
+                     pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
@@ -54,6 +70,7 @@ __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "pea
 IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector", "structured")
 OUTPUTS = ("trace", "full", "diagonal")
 _NTK_VECTOR_CHUNK = 32
+_METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,9 +114,27 @@ def _restore_check(model: nn.Module, snap) -> None:
         m.training = modes.get(name, m.training)
 
 
+@contextlib.contextmanager
+def _no_fast_path():
+    """nn.MultiheadAttention / TransformerEncoderLayer take a fused "fast path" without autograd in eval mode
+    under no_grad; while ntkit evaluates the model the ordinary path runs (the same function, to rounding),
+    so that every evaluation sees the same operations. The global switch is put back afterwards."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
 class _Forward:
     """f(params, x) -> (n, k) through functional_call on a copy of the buffers (so train-mode
-    BatchNorm running statistics of the user's model are never updated)."""
+    BatchNorm running statistics of the user's model are never updated); ``x`` is an :class:`Inputs`.
+    ``outputs`` restricts to a slice of the k output units (blocking over outputs)."""
 
     def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor], model_kwargs: Mapping | None):
         self.model = model
@@ -107,20 +142,30 @@ class _Forward:
         self.fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
         self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         self.kwargs = dict(model_kwargs or {})
+        self.outputs: slice | None = None
 
-    def __call__(self, p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def sliced(self, outputs: slice | None) -> "_Forward":
+        new = object.__new__(_Forward)
+        new.__dict__.update(self.__dict__)
+        new.outputs = outputs
+        return new
+
+    def __call__(self, p: Mapping[str, torch.Tensor], x: Inputs, leaves=None) -> torch.Tensor:
         # fresh buffer copies per call: a train-mode BatchNorm updates its running statistics in place,
         # which must touch neither the user's model nor a tensor captured by a torch.func transform
         buffers = {k: v.clone() for k, v in self.buffers.items()}
-        out = functional_call(self.model, ({**self.fixed, **p}, buffers), (x,), self.kwargs,
+        args, kwargs = x.call(leaves)
+        n = x.n if leaves is None else leaves[0].shape[0]
+        out = functional_call(self.model, ({**self.fixed, **p}, buffers), args, {**self.kwargs, **kwargs},
                               tie_weights=True, strict=False)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the model returned {type(out).__name__}, not a tensor; wrap it so that forward "
                             "returns the output tensor (n, ...) to differentiate")
-        if out.ndim == 0 or out.shape[0] != x.shape[0]:
+        if out.ndim == 0 or out.shape[0] != n:
             raise ValueError(f"the model output has shape {tuple(out.shape)}; its first dimension must be the "
-                             f"batch ({x.shape[0]})")
-        return out.reshape(out.shape[0], -1)
+                             f"batch ({n})")
+        out = out.reshape(out.shape[0], -1)
+        return out if self.outputs is None else out[:, self.outputs]
 
 
 def _reduce(theta_full: torch.Tensor, output: str) -> torch.Tensor:
@@ -133,16 +178,16 @@ def _reduce(theta_full: torch.Tensor, output: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # implementations on one block of inputs: each returns (n1, n2, k, k)
 # ---------------------------------------------------------------------------------------------------
-def _flat_jacobian(fwd: _Forward, params, x, independent: bool = False) -> torch.Tensor:
+def _flat_jacobian(fwd: _Forward, params, x: Inputs, independent: bool = False) -> torch.Tensor:
     """J(x) as (n, k, P). With independent samples, one Jacobian per sample (``vmap`` of ``jacrev`` of the
     single-sample function: cost linear in n); otherwise ``jacrev`` of the whole batch (n k backward
     passes over the batch: quadratic in n, but exact when samples interact, e.g. train-mode BatchNorm)."""
     jac = None
-    if independent and x.shape[0] > 1:
-        def single(p, xi):
-            return fwd(p, xi.unsqueeze(0))[0]
+    if independent and x.n > 1:
+        def single(p, leaves):
+            return fwd(p, x, tuple(t.unsqueeze(0) for t in leaves))[0]
         try:
-            jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)  # name -> (n, k, *shape)
+            jac = vmap(jacrev(single), in_dims=(None, 0))(params, x.leaves)  # name -> (n, k, *shape)
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             jac = None  # an operation without a batching rule, or batched keyword tensors: whole-batch path
     if jac is None:
@@ -151,26 +196,27 @@ def _flat_jacobian(fwd: _Forward, params, x, independent: bool = False) -> torch
     return torch.cat([j.reshape(n, k, -1) for j in jac.values()], dim=-1)  # (n, k, P)
 
 
-def _ntk_jacobian(fwd, params, x1, x2, independent=False, output="full"):
+def _ntk_jacobian(fwd, fwd2, params, x1, x2, independent=False, output="full"):
+    """Jacobian contraction; ``x2=None`` means x1 (and, with ``fwd2 is fwd``, one Jacobian)."""
     j1 = _flat_jacobian(fwd, params, x1, independent)
-    j2 = j1 if x2 is None else _flat_jacobian(fwd, params, x2, independent)
-    return _contract(j1, j2, output)
+    j2 = j1 if x2 is None and fwd2 is fwd else _flat_jacobian(fwd2, params, x1 if x2 is None else x2, independent)
+    return contract(j1, j2, output)
 
 
-def _ntk_vector(fwd, params, x1, x2):
+def _ntk_vector(fwd, fwd2, params, x1, x2):
     x2_ = x1 if x2 is None else x2
-    f2, vjp_fn = vjp(lambda p: fwd(p, x2_), params)
-    n2, k = f2.shape
+    f2, vjp_fn = vjp(lambda p: fwd2(p, x2_), params)
+    n2, k2 = f2.shape
 
-    def column(u):  # J(x1) J(x2)^T u for one cotangent u of shape (n2, k)
+    def column(u):  # J(x1) J(x2)^T u for one cotangent u of shape (n2, k2)
         (ju,) = vjp_fn(u)
         _, out = jvp(lambda p: fwd(p, x1), (params,), (ju,))
-        return out  # (n1, k)
+        return out  # (n1, k1)
 
-    basis = torch.eye(n2 * k, dtype=f2.dtype, device=f2.device).reshape(n2 * k, n2, k)
+    basis = torch.eye(n2 * k2, dtype=f2.dtype, device=f2.device).reshape(n2 * k2, n2, k2)
     # at most _NTK_VECTOR_CHUNK cotangents at a time: live memory ~ chunk x (activations of x1 and x2)
     try:
-        cols = vmap(column, chunk_size=min(n2 * k, _NTK_VECTOR_CHUNK))(basis)  # (n2 k, n1, k)
+        cols = vmap(column, chunk_size=min(n2 * k2, _NTK_VECTOR_CHUNK))(basis)  # (n2 k2, n1, k1)
     except NotImplementedError as exc:
         if "forward AD" not in str(exc) and "forward-mode" not in str(exc):
             raise
@@ -178,81 +224,7 @@ def _ntk_vector(fwd, params, x1, x2):
             "implementation='ntk_vector' needs forward-mode AD (jvp) through every operation of the model, and "
             f"torch has none for one of them ({exc}). Use implementation='jacobian' or 'structured' (or 'auto', "
             "which never picks a method the model cannot run).") from None
-    return cols.reshape(n2, k, -1, k).permute(2, 0, 3, 1)  # (n1, n2, k_a, k_b)
-
-
-class _Recorder:
-    """Forward hooks on structured modules: record each call's input and output tensor.
-
-    ``names`` selects the modules (those owning one of these parameter names). With ``clone_outputs``
-    each hook returns a copy of the output, so that an in-place operation downstream
-    (``nn.ReLU(inplace=True)``) changes the copy and the recorded tensor stays the layer's output node in
-    the autograd graph; ``versions`` holds the outputs' version counters at record time (to detect such
-    operations when not copying)."""
-
-    def __init__(self, model: nn.Module, names: Iterable[str], clone_outputs: bool = True, grad_only: bool = True):
-        names = set(names)
-        self.grad_only = grad_only
-        self.calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-        self.versions: list[int] = []
-        self.handles = []
-        self.clone_outputs = clone_outputs
-        pid = {id(v): k for k, v in model.named_parameters()}
-        self.covered: set[str] = set()
-        from torch.nn.modules import module as _mod
-        if getattr(_mod, "_global_forward_hooks", None) or getattr(_mod, "_global_forward_pre_hooks", None):
-            names = set()  # global hooks could change any layer's input or output: no structured layers
-        for m in model.modules():
-            if _module_supported(m):
-                own = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
-                if any(n in names for n in own):
-                    self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
-                    self.covered.update(n for n in own if n in names)
-        self.bad: set[nn.Module] = set()  # modules with a call the rule cannot describe
-        self.geometry: dict[nn.Module, tuple | None] = {}
-        self.active = True
-
-    @staticmethod
-    def _geometry(module):
-        """What the structured rule reads from the module besides its parameters (checked to stay constant)."""
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            return (module.stride, module.padding, module.dilation, module.padding_mode, module.kernel_size)
-        if isinstance(module, DenseModule):
-            return (module.weight_scale, module.bias_scale)
-        return None
-
-    def _hook(self, module, args, kwargs, output):
-        if not self.active:  # e.g. recomputation inside a backward pass (activation checkpointing)
-            self.bad.add(module)
-            return None
-        if self._geometry(module) != self.geometry.setdefault(module, self._geometry(module)):
-            self.bad.add(module)  # a shared convolution called with different stride/padding/dilation
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
-            self.bad.add(module)
-            return None
-        if self.grad_only and not output.requires_grad:  # a call under no_grad: no graph, no contribution
-            return None
-        self.calls.append((module, x, output))
-        self.versions.append(output._version)
-        if self.clone_outputs:
-            return output.clone()
-        return None
-
-    def bad_names(self, pid) -> set[str]:
-        # geometry read again now: attributes changed after the last call also invalidate the patches
-        bad = self.bad | {m for m, geo in self.geometry.items() if self._geometry(m) != geo}
-        return {nm for m in bad for nm in _module_param_names(m, pid) if nm is not None}
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _module_param_names(module: nn.Module, pid: Mapping[int, str]) -> tuple[str | None, str | None]:
-    w = pid.get(id(module.weight))
-    b = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
-    return w, b
+    return cols.reshape(n2, k2, cols.shape[1], cols.shape[2]).permute(2, 0, 3, 1)  # (n1, n2, k_a, k_b)
 
 
 def _accumulator_edges(root, target: Mapping[int, str], stop=None) -> tuple[dict[str, int], set]:
@@ -280,15 +252,16 @@ def _accumulator_edges(root, target: Mapping[int, str], stop=None) -> tuple[dict
 
 def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls, names, pid) -> set[str]:
     """Parameters of ``names`` that the autograd graph of ``out`` uses anywhere but inside the recorded
-    layer calls that ``out`` depends on -- ``x @ layer.weight`` elsewhere, attention's
-    ``F.linear(x, out_proj.weight)``, a ``torch.where`` that routes some samples around the layer (while a
+    layer calls that ``out`` depends on -- ``x @ layer.weight`` elsewhere, a chunk of attention's packed
+    projection used on its own, a ``torch.where`` that routes some samples around the layer (while a
     detached call of the same layer contributes nothing). Counts the edges into each parameter's gradient
     accumulator in the whole graph and inside the reachable recorded calls (from the call's output node down
     to its input's node): they must agree. Structural, exact, and cheap (walks over the graph's nodes)."""
     target = {id(leaf[nm]): nm for nm in names if nm in leaf}
     total, reachable = _accumulator_edges(out.grad_fn, target)
     inside = dict.fromkeys(total, 0)
-    for _module, a, o in calls:
+    for call in calls:
+        a, o = call.a, call.o
         if o.grad_fn is None or o.grad_fn not in reachable:
             continue  # a call the output does not depend on (detached, under no_grad, ...)
         counts, _ = _accumulator_edges(o.grad_fn, target, stop=a.grad_fn)
@@ -297,85 +270,43 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
     return {nm for nm in total if total[nm] != inside[nm]}
 
 
-def _patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Layer input as (n, positions, features) so that output = patches @ W_flat^T (+ b)."""
-    if isinstance(module, (nn.Linear, DenseModule)):
-        n = a.shape[0]
-        return a.reshape(n, -1, a.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            pad = module._reversed_padding_repeated_twice
-            a = torch.nn.functional.pad(a, pad, mode=module.padding_mode if module.padding_mode != "zeros"
-                                        else "constant")
-            padding = 0
-        else:
-            padding = module.padding
-        if module.groups != 1:
-            raise NotImplementedError
-        cols = torch.nn.functional.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding,
-                                          stride=module.stride)  # (n, C kh kw, L)
-        return cols.transpose(1, 2)
-    if isinstance(module, nn.Conv1d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise NotImplementedError
-        cols = torch.nn.functional.unfold(a.unsqueeze(-1), (module.kernel_size[0], 1),
-                                          dilation=(module.dilation[0], 1), padding=(module.padding[0], 0),
-                                          stride=(module.stride[0], 1))
-        return cols.transpose(1, 2)
-    raise NotImplementedError  # pragma: no cover
-
-
-def _cotangent_positions(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output cotangent (n, k, *out_shape) as (n, k, positions, channels)."""
-    n, k = g.shape[:2]
-    if isinstance(module, (nn.Linear, DenseModule)):
-        return g.reshape(n, k, -1, g.shape[-1])
-    return g.reshape(n, k, g.shape[2], -1).transpose(2, 3)  # conv: (n, k, C_out, L) -> (n, k, L, C_out)
-
-
-def _weight_scales(module) -> tuple[float, float]:
-    if isinstance(module, DenseModule):
-        return module.weight_scale, module.bias_scale
-    return 1.0, 1.0
-
-
-def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Module, names: set[str]):
+def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str]):
     """One forward with hooks and k backward passes.
 
-    Returns ``(calls, uses, k, ok)``: ``calls[c] = (patches (n, L, d), cotangents (n, k, L, c))`` for every
-    call of a structured layer; ``ok`` the parameters of ``names`` that this very batch's autograd graph uses
-    only through the recorded calls (:func:`_unrecorded_uses`); ``uses[name] =
-    [(c, is_weight, scale), ...]`` the calls in which each parameter of ``ok`` takes part (tied weights:
-    several), with the parameterization's scale."""
+    Returns ``(feats, uses, k, ok)``: ``feats[c]`` the rule's data for every recorded call (patches and
+    cotangents, token ids and cotangents, or per-sample gradients; None for calls no parameter of ``ok``
+    needs); ``ok`` the parameters of ``names`` that this very batch's autograd graph uses only through the
+    recorded calls (:func:`_unrecorded_uses`), whose calls all have a batch layout confirmed by the row
+    check and whose outputs the rule reproduces; ``uses[name] = [(c, is_weight, scale), ...]`` the calls in
+    which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale."""
     for clone in (False, True):
         # first without copying layer outputs; if an in-place operation downstream changed a recorded
         # output (its version counter moved), again with the hooks returning copies
-        rec = _Recorder(model, names, clone_outputs=clone)
+        # parameters as fresh leaves, so the hooked layers' outputs are graph nodes to differentiate to
+        leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
+        rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k for k, v in leaf_params.items()})
         try:
-            with torch.enable_grad():
-                # parameters as fresh leaves, so the hooked layers' outputs are graph nodes to differentiate to
-                leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
+            with torch.enable_grad(), rec.intercept():
                 out = fwd(leaf_params, x)
         except BaseException:
             rec.remove()
             raise
         rec.active = False
-        if clone or all(o._version == ver for o, ver in zip((c[2] for c in rec.calls), rec.versions)):
+        if clone or all(c.o._version == ver for c, ver in zip(rec.calls, rec.versions)):
             break
         rec.remove()
     pid = {id(v_): name for name, v_ in model.named_parameters()}
     n, k = out.shape
-    # every use of each parameter in this block's own graph must be a recorded call (cheap edge count), every
-    # call must see this batch along its first axis, and no call may be one the rule cannot describe
+    # every use of each parameter in this block's own graph must be a recorded call (cheap edge count), and no
+    # call may be one the rule cannot describe
     ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid) - rec.bad_names(pid)
-    for module, a, o in rec.calls:
-        if a.shape[0] != n or o.shape[0] != n:
-            ok -= set(_module_param_names(module, pid))
+    for call in rec.calls:
+        if call.rule is None:
+            ok -= call.names
     try:
         with torch.enable_grad():
-            node_outs = [c[2] for c in rec.calls]
-            grads = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True)
-                     for a in range(k)] if node_outs else []
+            node_outs = [c.o for c in rec.calls]
+            grads = _cotangents(out, node_outs) if node_outs else []
             if node_outs and n > 1:
                 # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
                 # recorded output must be sum_a C[p, a] g_a[p] -- true when sample p's output depends on row p
@@ -385,114 +316,125 @@ def _structured_features(fwd: _Forward, params, x: torch.Tensor, model: nn.Modul
                 g_c = torch.autograd.grad((out * c).sum(), node_outs, allow_unused=True)
     finally:
         rec.remove()
-    calls, uses = [], {}
-    for idx, (module, a, o) in enumerate(rec.calls):
-        g = torch.stack([grads[b][idx] if grads[b][idx] is not None else torch.zeros_like(o) for b in range(k)], 1)
-        names_m = set(_module_param_names(module, pid))
-        if names_m & ok and n > 1:
-            want = torch.einsum("ia,ia...->i...", c, g)
-            got = g_c[idx] if g_c[idx] is not None else torch.zeros_like(o)
-            if float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * float(want.abs().max()) + 1e-300:
-                ok -= names_m
-        if not names_m & ok:
-            calls.append((None, None))
+    del out
+    feats, uses = [], {}
+    for idx, call in enumerate(rec.calls):
+        o = call.o.detach()
+        if not call.names & ok:
+            feats.append(None)
+            grads[idx] = None
             continue
-        calls.append((_patches(module, a.detach()), _cotangent_positions(module, g.detach())))
-        ws, bs = _weight_scales(module)
-        w_name, b_name = _module_param_names(module, pid)
-        if w_name in ok:
-            uses.setdefault(w_name, []).append((idx, True, ws))
-        if b_name in ok:
-            uses.setdefault(b_name, []).append((idx, False, bs))
-    uses = {name: u for name, u in uses.items() if name in ok}  # a tied parameter may fail at a later call
-    return calls, uses, k, ok
+        g_all = grads[idx] if grads[idx] is not None else torch.zeros((k,) + o.shape, dtype=o.dtype,
+                                                                       device=o.device)  # (k, *o.shape)
+        grads[idx] = None  # one copy of the cotangents at a time
+        feat = None
+        for lay in layouts(call, n):  # the first layout the row check confirms
+            g = apply_layout(g_all, lay, n, offset=1).transpose(0, 1)  # (n, k, ...)
+            if n > 1:
+                want = torch.einsum("ia,ia...->i...", c, g)
+                got = apply_layout(g_c[idx] if g_c[idx] is not None else torch.zeros_like(o), lay, n)
+                scale = float(want.abs().max()) if want.numel() else 0.0
+                if want.numel() and float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * scale + 1e-300:
+                    continue
+            feat = features(call, apply_layout(call.a.detach(), lay, n), apply_layout(o, lay, n), g.detach(),
+                            leaf_params)
+            break
+        if feat is None:  # no batch layout passes the checks, or the rule does not reproduce the output
+            ok -= call.names
+            feats.append(None)
+            continue
+        feats.append(feat)
+        if call.w in ok:
+            uses.setdefault(call.w, []).append((idx, True, call.ws))
+        if call.b in ok:
+            uses.setdefault(call.b, []).append((idx, False, call.bs))
+    del grads
+    # a tied parameter may fail at a later call; one used by calls of different rules goes to the Jacobian
+    mixed = {name for name, u in uses.items() if len({feats[c][0] if feats[c] is not None else None
+                                                      for c, _, _ in u}) != 1}
+    ok -= mixed
+    uses = {name: u for name, u in uses.items() if name in ok}
+    return feats, uses, k, ok
 
 
-def _contract(u1: torch.Tensor, u2: torch.Tensor, output: str) -> torch.Tensor:
-    """sum_f u1[i, a, f] u2[j, b, f] for u of shape (n, k, F), reduced as ``output`` asks -- one matmul:
-    "full" (n1, n2, k, k); "diagonal" (n1, n2, k) (a = b only); "trace" (n1, n2), the mean over a of the
-    diagonal (never forming the k x k blocks)."""
-    n1, k, f = u1.shape
-    n2 = u2.shape[0]
-    if output == "trace":
-        return (u1.reshape(n1, k * f) @ u2.reshape(n2, k * f).T).div_(k)
-    if output == "diagonal":
-        return torch.bmm(u1.transpose(0, 1), u2.permute(1, 2, 0)).permute(1, 2, 0)
-    return (u1.reshape(n1 * k, f) @ u2.reshape(n2 * k, f).T).reshape(n1, k, n2, k).permute(0, 2, 1, 3)
+_BATCHED_BACKWARD = True  # one vmapped backward pass over the k output units (else k passes)
 
 
-def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
-    """A per-pair factor (n1, n2) shaped to multiply a reduced output."""
-    return aa if output == "trace" else aa[:, :, None] if output == "diagonal" else aa[:, :, None, None]
+def _cotangents(out: torch.Tensor, node_outs: list) -> list:
+    """For each recorded output o, the cotangents (k, *o.shape) of the k output units summed over the batch
+    (None where unused): one backward pass batched over the k unit cotangents, or k passes when an operation
+    of the model has no batching rule."""
+    n, k = out.shape
+    if _BATCHED_BACKWARD and k > 1:
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's note on operations without batching rules
+                got = torch.autograd.grad(out, node_outs, grad_outputs=eye[:, None, :].expand(k, n, k),
+                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return list(got)
+        except (RuntimeError, NotImplementedError):
+            pass
+    per = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True) for a in range(k)]
+    return [None if all(p[i] is None for p in per) else
+            torch.stack([p[i] if p[i] is not None else torch.zeros_like(node_outs[i]) for p in per])
+            for i in range(len(node_outs))]
 
 
-def _pair_term(call1, call2, weight: bool, output: str, cache: dict, key) -> torch.Tensor:
-    """Contribution of one (use in x1, use in x2) pair of a weight or bias, unscaled.
-
-    One position (a Linear on flat input): (a1 a2^T) (.) (g1 g2^T), and g1 g2^T alone for the bias -- the
-    product g1 g2^T is computed once per call pair and shared by weight and bias. Weights shared over
-    positions p (convolutions, Linear over a sequence): sum_{p, p'} (a1_p . a2_p') (g1_p . g2_p'),
-    contracted over position pairs when there are few, otherwise through per-sample weight gradients."""
-    (a1, g1), (a2, g2) = call1, call2
-    L1, L2 = a1.shape[1], a2.shape[1]
-    if L1 == 1 and L2 == 1:
-        if ("gg", key) not in cache:
-            cache["gg", key] = _contract(g1[:, :, 0], g2[:, :, 0], output)
-        if not weight:
-            return cache["gg", key]
-        return _expand(a1[:, 0] @ a2[:, 0].T, output) * cache["gg", key]
-    if not weight:  # bias: sum over positions of g
-        return _contract(g1.sum(2), g2.sum(2), output)
-    d, c = a1.shape[2], g1.shape[3]
-    if L1 * L2 * (d + c) <= d * c:  # few positions: contract over position pairs
-        aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
-        spec = {"full": "ijab", "diagonal": "ija", "trace": "ij"}[output]
-        term = torch.einsum(f"ijpq,iapc,j{'a' if output != 'full' else 'b'}qc->{spec}", aa, g1, g2)
-        return term.div_(g1.shape[1]) if output == "trace" else term
-    # many positions: per-sample weight gradients (n, k, d c), then their inner products
-    if ("m1", key[0]) not in cache:
-        cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
-    m1 = cache["m1", key[0]]
-    m2 = m1 if call2 is call1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
-    return _contract(m1, m2, output)
-
-
-def _ntk_structured(fwd: _Forward, params, x1, x2, model, output: str = "full", verified: set | None = None):
+def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
+                    output: str = "full", verified: set | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     if verified is None:
-        rec = _Recorder(model, params)
+        rec = Recorder(model, params)
         verified = set(rec.covered)
         rec.remove()
     covered = set(verified)
     if not covered:  # nothing the structured path can take: Jacobian contraction for everything
-        return _ntk_jacobian(fwd, params, x1, x2, independent=True, output=output)
-    calls1, uses1, k, ok1 = _structured_features(fwd, params, x1, model, covered)
-    if x2 is None:
-        calls2, uses2, ok2 = calls1, uses1, ok1
+        return _ntk_jacobian(fwd, fwd2, params, x1, x2, independent=True, output=output)
+    same = x2 is None and fwd2 is fwd
+    feats1, uses1, k, ok1 = _structured_features(fwd, params, x1, model, covered)
+    if same:
+        feats2, uses2, ok2 = feats1, uses1, ok1
     else:
-        calls2, uses2, _, ok2 = _structured_features(fwd, params, x2, model, covered)
+        feats2, uses2, _, ok2 = _structured_features(fwd2, params, x1 if x2 is None else x2, model, covered)
     covered = ok1 & ok2  # verified on both blocks' own data
     uses1 = {name: u for name, u in uses1.items() if name in covered}
-    n1, n2 = x1.shape[0], (x1 if x2 is None else x2).shape[0]
+    feats_rule = {name: next(iter({rec_rule(feats1[c]) for c, _, _ in u})) for name, u in uses1.items()}
+    n1, n2 = x1.n, (x1 if x2 is None else x2).n
     theta = None
     cache: dict = {}
     for name, us1 in uses1.items():
         for c1, weight, s1 in us1:
             for c2, _, s2 in uses2.get(name, ()):
-                term = _pair_term(calls1[c1], calls2[c2], weight, output, cache, (c1, c2))
+                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2))
                 scale = s1 * s2
                 if theta is None:
                     theta = term * scale if scale != 1.0 else term.clone()
                 else:
                     theta.add_(term, alpha=scale)
+                del term
+        for key in [key for key in cache if key[0] == "m1"]:  # per-sample gradients: one parameter at a time
+            del cache[key]
+    del feats1, feats2, cache
     rest = {k_: v for k_, v in params.items() if k_ not in covered}
+    if _METHOD_LOG is not None:
+        rules = {nm: feats_rule[nm] for nm in uses1}
+        _METHOD_LOG.append({nm: ("structured:" + rules.get(nm, "unused")) if nm in covered else "jacobian" for nm in params})
     if rest:  # parameters without known structure: Jacobian contraction over just those
-        term = _ntk_jacobian(fwd_rest(fwd, params, rest), rest, x1, x2, independent=True, output=output)
+        f1 = fwd_rest(fwd, params, rest)
+        f2 = f1 if fwd2 is fwd else fwd_rest(fwd2, params, rest)
+        term = _ntk_jacobian(f1, f2, rest, x1, x2, independent=True, output=output)
         theta = term if theta is None else theta.add_(term)
     if theta is None:
-        shape = {"full": (n1, n2, k, k), "diagonal": (n1, n2, k), "trace": (n1, n2)}[output]
-        theta = torch.zeros(shape, dtype=x1.dtype, device=x1.device)
+        with torch.no_grad():
+            k2 = k if same else fwd2(params, (x1 if x2 is None else x2)[:1]).shape[1]
+        shape = {"full": (n1, n2, k, k2), "diagonal": (n1, n2, k), "trace": (n1, n2)}[output]
+        theta = torch.zeros(shape, dtype=next(iter(params.values())).dtype, device=x1.leaves[0].device)
     return theta
+
+
+def rec_rule(feat) -> str:
+    return {"dense": "linear/conv", "embedding": "embedding", "grad": "norm"}[feat[0]]
 
 
 def fwd_rest(fwd: _Forward, params, rest):
@@ -500,8 +442,8 @@ def fwd_rest(fwd: _Forward, params, rest):
     fixed = {k: v for k, v in params.items() if k not in rest}
 
     class _F:
-        def __call__(self, p, x):
-            return fwd({**fixed, **p}, x)
+        def __call__(self, p, x, leaves=None):
+            return fwd({**fixed, **p}, x, leaves)
 
     return _F()
 
@@ -511,40 +453,19 @@ def _has_train_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
-def _module_supported(m: nn.Module) -> bool:
-    """Layers whose parameter Jacobian the structured path assembles from inputs and cotangents; the
-    parameters of any other module (grouped convolutions, Conv1d with padding modes or 'same', transposed
-    convolutions, embeddings, attention, ...) go through the Jacobian method, restricted to them."""
-    # only the library's own forward, and no user hooks that could change its input or output: a subclass
-    # that overrides forward (LoRA terms, masks, clamps) or a hook computes something else than the rule assumes
-    if m._forward_hooks or m._forward_pre_hooks:
-        return False
-    if isinstance(m, DenseModule):  # its parameterization scales must be plain numbers
-        return (type(m).forward is DenseModule.forward and isinstance(m.weight_scale, (int, float))
-                and isinstance(m.bias_scale, (int, float)))
-    if isinstance(m, nn.Linear):
-        return type(m).forward is nn.Linear.forward
-    if isinstance(m, nn.Conv2d):
-        return (m.groups == 1 and type(m).forward is nn.Conv2d.forward
-                and type(m)._conv_forward is nn.Conv2d._conv_forward)
-    if isinstance(m, nn.Conv1d):
-        return (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-                and type(m).forward is nn.Conv1d.forward and type(m)._conv_forward is nn.Conv1d._conv_forward)
-    return False
-
-
-def _samples_independent(fwd: "_Forward", params, t1: torch.Tensor, t2: torch.Tensor | None) -> bool:
+def _samples_independent(fwd: "_Forward", params, t1: Inputs, t2: Inputs | None) -> bool:
     """Whether the model treats the samples of a batch independently: the output of a small batch must
     equal the outputs of its samples run one at a time (to sqrt(eps) relative). Batch-coupled models
     (train-mode BatchNorm, normalisation over the batch, ...) fail; structured derivatives and
     per-sample Jacobians are exact only for independent samples, so ``auto`` must know."""
-    probe = torch.cat([t1[:2]] + ([] if t2 is None else [t2[:1]]))
-    if probe.shape[0] < 2:
+    parts = [t1[:2]] + ([t2[:1]] if t2 is not None and t1.compatible(t2) else [])
+    probe = Inputs.cat(parts)
+    if probe.n < 2:
         return True  # a single sample: nothing to couple
     try:
         with torch.no_grad():
             together = fwd(params, probe)
-            apart = torch.cat([fwd(params, probe[i:i + 1]) for i in range(probe.shape[0])])
+            apart = torch.cat([fwd(params, probe[i:i + 1]) for i in range(probe.n)])
     except (RuntimeError, ValueError):  # e.g. train-mode BatchNorm refuses a batch of one
         return False
     if together.shape != apart.shape:
@@ -555,19 +476,38 @@ def _samples_independent(fwd: "_Forward", params, t1: torch.Tensor, t2: torch.Te
 
 
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
-                         itemsize: int = 8) -> int:
-    """Documented peak-memory model (bytes) of one block, used by ``auto`` and the budget check.
+                         itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
+                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False) -> int:
+    """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
+    check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
+    A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
+    W = ``width_sum``, the structured layers' output numbers per sample; I = ``inputs_sum``, their input
+    (patch) numbers per sample; M = ``max_grad``, the largest per-sample weight gradient a shared-position
+    layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
+    structured features are computed once (the n2 terms drop out).
 
-    * jacobian:   (n1 + n2) k P            (both Jacobians) + n1 n2 k^2 (result)
-    * ntk_vector: n2 k (n1 k + P)          (vmapped products) + n1 n2 k^2
-    * structured: (n1 + n2) k W + n1 n2 k^2 (per-layer cotangents; W = sum of layer widths x positions)
+    * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
+    * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
+    * structured: 2 m A (one block's graph, and a backward pass through it) + 1.25 (n1 k + n2 k2) W
+      (cotangents from one backward pass batched over the k output units, and the copies a layer's rule
+      makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in
+      row chunks of at most 2^25 numbers per side) + result; a diagonal block of x2=None computes one
+      side (the n2 terms drop out)
+    * result:     n1 n2 k k2
     """
-    out = n1 * n2 * k * k
+    k2 = k if k2 is None else k2
+    out = n1 * n2 * k * k2
+    m = max(n1, n2)
+    if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
+        return itemsize * (2 * m * activations + (5 * n1 * k * width_sum) // 4 + n1 * inputs_sum
+                           + 2 * min(m * k * max_grad, GRAD_CHUNK) + out)
     if implementation == "jacobian":
-        return itemsize * ((n1 + n2) * k * n_params + out)
+        return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
-        return itemsize * (n2 * k * (n1 * k + n_params) + out)
-    return itemsize * ((n1 + n2) * k * width_sum * 2 + out)
+        return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
+    grad = 2 * min(m * max(k, k2) * max_grad, GRAD_CHUNK)
+    return itemsize * (2 * m * activations + (5 * (n1 * k + n2 * k2) * width_sum) // 4 + (n1 + n2) * inputs_sum
+                       + grad + out)
 
 
 def empirical_ntk(
@@ -579,21 +519,31 @@ def empirical_ntk(
     implementation: str = "auto",
     params: Iterable[str] | None = None,
     batch_size: int | None = None,
+    output_batch_size: int | None = None,
     memory_budget: float | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    batch_dim: Any = 0,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Empirical NTK Theta(x1, x2) of ``model`` at its current parameters.
 
     Parameters
     ----------
     model : nn.Module
-        Any module whose forward takes a batch (first dimension) and returns a tensor (n, ...);
-        trailing output dimensions are flattened into k output units. The model is never modified
-        (parameters, buffers, train/eval mode and requires_grad flags are left exactly as they were).
-        Parameters are substituted through ``torch.func.functional_call``: a tensor derived from a
-        parameter and cached as a plain attribute outside ``forward`` (e.g. ``self.wT = self.l.weight.T``
-        in ``__init__``) is not differentiated -- derive it inside ``forward``.
-    x1, x2 : tensors (n1, ...) and (n2, ...); ``x2=None`` means ``x1`` (and exploits symmetry).
+        Any module whose forward takes a batch and returns a tensor (n, ...); trailing output dimensions
+        are flattened into k output units. The model is never modified (parameters, buffers, train/eval
+        mode and requires_grad flags are left exactly as they were). Parameters are substituted through
+        ``torch.func.functional_call``: a tensor derived from a parameter and cached as a plain attribute
+        outside ``forward`` (e.g. ``self.wT = self.l.weight.T`` in ``__init__``) is not differentiated --
+        derive it inside ``forward``.
+    x1, x2 : the inputs, n1 and n2 samples; ``x2=None`` means ``x1`` (and exploits symmetry).
+        A tensor (or array) is the model's one positional argument; a tuple is unpacked as positional
+        arguments (``model(*x)``), a dict as keyword arguments (``model(**x)``: ``input_ids`` with
+        ``attention_mask``, say); tuples, lists and dicts nest (a model taking one dict: ``x1=(batch,)``).
+        Integer and boolean tensors (token ids, masks) are fine: the kernel is a derivative with respect
+        to the parameters. Every tensor leaf holds the batch along ``batch_dim``; x2 must have x1's
+        structure and per-sample shapes. Floating leaves are cast to the parameters' dtype and checked for
+        NaN/Inf rows.
     output : {"trace", "full", "diagonal"}
         (n1, n2) mean over output units of Theta_aa; (n1, n2, k, k); or (n1, n2, k).
     implementation : {"auto", "jacobian", "ntk_vector", "structured"}
@@ -605,11 +555,22 @@ def empirical_ntk(
         Restrict the kernel to these parameters (e.g. ``["body.4.weight"]``); by default all
         parameters with ``requires_grad=True`` (frozen ones are excluded). Tied weights count once.
     batch_size : int, optional
-        Rows of x1 and x2 per block (default: chosen from the memory budget).
+        Samples of x1 and x2 per block (default: chosen from the memory budget).
+    output_batch_size : int, optional
+        Output units per block (default: chosen from the memory budget; all k when they fit). With
+        ``output="full"`` every pair of output blocks is computed; otherwise only the diagonal ones.
     memory_budget : float, optional
-        Bytes a block may use (default: half of the available memory).
+        Bytes the computation may use: the result plus one block's peak
+        (:func:`peak_memory_estimate`); default half of the available memory. Blocks over samples and
+        over outputs are made small enough to fit; ``MemoryBudgetError`` when even one sample and one
+        output unit do not.
     model_kwargs : mapping, optional
-        Keyword arguments passed to ``model.forward``.
+        Keyword arguments passed unchanged to every call of ``model.forward`` (not batched).
+    batch_dim : int or structure, optional
+        Batch axis of the tensor leaves of x1/x2 (default 0), or a structure like x1 holding an axis or
+        None per leaf (None: the tensor is passed whole to every call, e.g. a shared mask).
+    progress : bool, optional
+        A progress bar over the blocks (drawn only on a terminal; False silences it).
 
     References
     ----------
@@ -622,110 +583,182 @@ def empirical_ntk(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    for nm, val in (("batch_size", batch_size), ("output_batch_size", output_batch_size)):
+        if val is not None and (isinstance(val, bool) or int(val) != val or val < 1):
+            raise ValueError(f"{nm} must be a positive integer, got {val!r}")
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
     device = first.device if first is not None else None
-    t1 = as_float_tensor(x1, "x1", dtype=dtype, device=device, min_ndim=1)
-    t2 = None if x2 is None else as_float_tensor(x2, "x2", dtype=dtype, device=device, min_ndim=1)
-    if t2 is not None and t1.shape[1:] != t2.shape[1:]:
-        raise ValueError(f"x1 samples have shape {tuple(t1.shape[1:])} but x2 samples have shape "
-                         f"{tuple(t2.shape[1:])}; they must match")
+    t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
+    t2 = None if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
+    if t2 is not None:
+        check_pair_inputs(t1, t2)
     chosen = _select_params(model, params)
     snap = _snapshot(model)
     try:
-        fwd = _Forward(model, chosen, model_kwargs)
-        coupled_bn = _has_train_batchnorm(model)
-        try:
-            with torch.no_grad():
-                rec = _Recorder(model, chosen, clone_outputs=False, grad_only=False)
-                try:
-                    probe = fwd(chosen, t1 if coupled_bn else t1[:1])
-                finally:
-                    rec.remove()
-        except (TypeError, ValueError):
-            raise
-        except RuntimeError as exc:
-            raise ValueError(f"the model rejected inputs of shape {tuple(t1.shape)}: {exc}") from None
-        independent = not coupled_bn and _samples_independent(fwd, chosen, t1, t2)
-        k = probe.shape[1]
-        n1 = t1.shape[0]
-        n2 = n1 if t2 is None else t2.shape[0]
-        n_params = sum(v.numel() for v in chosen.values())
-        width_sum, layer_flops = _layer_sizes(rec.calls)
-        budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
-        item = torch.finfo(dtype).bits // 8
-        impl = implementation
-        if impl == "auto":
-            impl = _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget)
-        elif impl == "structured" and not independent:
-            raise ValueError("implementation='structured' assumes the model treats the samples of a batch "
-                             "independently, but its output for a batch differs from its outputs for the samples "
-                             "one at a time (train-mode BatchNorm, batch normalisation, dropout, ...). Use "
-                             "implementation='jacobian' (or 'auto'), or call model.eval() first.")
-        verified = None
-        if impl == "structured":  # the parameters of supported layers; each block checks them on its own graph
-            rec_s = _Recorder(model, chosen)
-            verified = set(rec_s.covered)
-            rec_s.remove()
-        bs = batch_size
-        if bs is None:
-            bs = max(n1, n2)
-            while bs > 1 and peak_memory_estimate(impl, bs, bs, k, n_params, width_sum, item) > budget:
-                bs = (bs + 1) // 2
-        if int(bs) != bs or bs < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not independent:  # the samples interact (e.g. batch statistics): the batch is one block
-            bs = max(n1, n2)
-        need = peak_memory_estimate(impl, min(bs, n1), min(bs, n2), k, n_params, width_sum, item)
-        if need > budget:
-            raise MemoryBudgetError(
-                f"one block of the empirical NTK ({impl}, {min(bs, n1)} x {min(bs, n2)} inputs, k={k} outputs, "
-                f"{n_params} parameters) needs ~{format_bytes(need)}, more than the budget {format_bytes(budget)}; "
-                "select fewer parameters (params=), use output units in smaller groups, or raise memory_budget")
-        out_full = output == "full"
-        shape = (n1, n2, k, k) if out_full else (n1, n2, k) if output == "diagonal" else (n1, n2)
-        result = torch.empty(shape, dtype=dtype, device=t1.device)
-        for i0 in range(0, n1, bs):
-            a = t1[i0:i0 + bs]
-            for j0 in range(i0 if t2 is None else 0, n2, bs):
-                same_block = t2 is None and i0 == j0
-                b = None if same_block else (t1 if t2 is None else t2)[j0:j0 + bs]
-                block = _block(impl, fwd, chosen, a, b, model, independent, output, verified)
-                result[i0:i0 + a.shape[0], j0:j0 + block.shape[1]] = block
-                if t2 is None and not same_block:
-                    result[j0:j0 + block.shape[1], i0:i0 + a.shape[0]] = block.transpose(0, 1).transpose(2, 3) \
-                        if out_full else block.transpose(0, 1)
-        return result
+        with _no_fast_path():
+            return _empirical_ntk(model, t1, t2, chosen, output, implementation, batch_size, output_batch_size,
+                                  memory_budget, model_kwargs, progress, dtype, device)
     finally:
         _restore_check(model, snap)
 
 
-def _block(impl, fwd, params, a, b, model, independent, output, verified=None):
+def _probe(fwd: _Forward, chosen, model, x: Inputs):
+    """One forward with the structured layers recorded and the autograd graph's saved tensors counted:
+    (output, recorded calls, saved bytes)."""
+    seen: dict = {}
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, ...)
+            pass
+        return t
+
+    leaf = {k: v.detach().requires_grad_(True) for k, v in chosen.items()}
+    rec = Recorder(model, leaf, clone_outputs=False, grad_only=False,
+                   leaf_names={id(v): k for k, v in leaf.items()})
+    try:
+        with torch.enable_grad(), rec.intercept(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fwd(leaf, x)
+    finally:
+        rec.remove()
+    calls = [Call(c.rule, c.module, c.a.detach(), c.o.detach(), c.w, c.b, extra=c.extra) for c in rec.calls]
+    return out.detach(), calls, sum(seen.values())
+
+
+def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, implementation, batch_size,
+                   output_batch_size, memory_budget, model_kwargs, progress_flag, dtype, device):
+    fwd = _Forward(model, chosen, model_kwargs)
+    coupled_bn = _has_train_batchnorm(model)
+    try:
+        probe_x = t1 if coupled_bn else t1[:1]
+        probe, calls, saved = _probe(fwd, chosen, model, probe_x)
+    except (TypeError, ValueError):
+        raise
+    except RuntimeError as exc:
+        raise ValueError(f"the model rejected {t1.describe()}: {exc}") from None
+    independent = not coupled_bn and _samples_independent(fwd, chosen, t1, t2)
+    k = probe.shape[1]
+    n1 = t1.n
+    n2 = n1 if t2 is None else t2.n
+    n_params = sum(v.numel() for v in chosen.values())
+    item = torch.finfo(dtype).bits // 8
+    sizes = _layer_sizes(calls, probe_x.n)
+    sizes["activations"] = -(-saved // (item * probe_x.n))
+    width_sum, layer_flops = sizes.pop("width"), sizes.pop("flops")
+    budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
+    if not budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    out_full = output == "full"
+    shape = (n1, n2, k, k) if out_full else (n1, n2, k) if output == "diagonal" else (n1, n2)
+    result_bytes = item * int(torch.Size(shape).numel())
+    if result_bytes > budget:
+        raise MemoryBudgetError(
+            f"the result alone ({output!r}, shape {shape}) needs {format_bytes(result_bytes)}, more than the budget "
+            f"{format_bytes(budget)}; ask for output='trace' or 'diagonal', fewer inputs, or raise memory_budget")
+    left = budget - result_bytes
+    impl = implementation
+    if impl == "auto":
+        impl = _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, left, sizes)
+    elif impl == "structured" and not independent:
+        raise ValueError("implementation='structured' assumes the model treats the samples of a batch "
+                         "independently, but its output for a batch differs from its outputs for the samples "
+                         "one at a time (train-mode BatchNorm, batch normalisation, dropout, ...). Use "
+                         "implementation='jacobian' (or 'auto'), or call model.eval() first.")
+    verified = None
+    if impl == "structured":  # the parameters of supported layers; each block checks them on its own graph
+        rec_s = Recorder(model, chosen)
+        verified = set(rec_s.covered)
+        rec_s.remove()
+
+    def need(b, kc):
+        return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
+                                    symmetric=t2 is None and b >= n1 and kc >= k)
+
+    bs = batch_size if batch_size is not None else max(n1, n2)
+    kc = output_batch_size if output_batch_size is not None else k
+    if not independent:  # the samples interact (e.g. batch statistics): the batch is one block
+        bs = max(n1, n2)
+    free_bs = batch_size is None and independent
+    free_kc = output_batch_size is None
+    while need(bs, kc) > left:  # halve the sample blocks down to 8, then the output blocks, then samples again
+        if free_bs and bs > 8:
+            bs = (bs + 1) // 2
+        elif free_kc and kc > 1:
+            kc = (kc + 1) // 2
+        elif free_bs and bs > 1:
+            bs = (bs + 1) // 2
+        else:
+            break
+    kc = min(kc, k)
+    if need(bs, kc) > left:
+        raise MemoryBudgetError(
+            f"one block of the empirical NTK ({impl}, {min(bs, n1)} x {min(bs, n2)} inputs, {kc} of k={k} outputs, "
+            f"{n_params} parameters) needs ~{format_bytes(need(bs, kc))} besides the result "
+            f"({format_bytes(result_bytes)}), more than the budget {format_bytes(budget)}; select fewer parameters "
+            "(params=), pass smaller batch_size/output_batch_size, or raise memory_budget")
+    outs = [slice(a, min(a + kc, k)) for a in range(0, k, kc)]
+    fwds = {(s.start, s.stop): (fwd if len(outs) == 1 else fwd.sliced(s)) for s in outs}
+    opairs = [(a, b) for a in outs for b in outs] if out_full else [(a, a) for a in outs]
+    result = torch.zeros(shape, dtype=dtype, device=t1.leaves[0].device)
+    blocks = [(i0, j0) for i0 in range(0, n1, bs) for j0 in range(i0 if t2 is None else 0, n2, bs)]
+    bar = progress(total=len(blocks) * len(opairs), desc="empirical NTK", unit="block", enabled=progress_flag)
+    try:
+        for i0, j0 in blocks:
+            a = t1[i0:i0 + bs]
+            same_block = t2 is None and i0 == j0
+            b = None if same_block else (t1 if t2 is None else t2)[j0:j0 + bs]
+            nb = a.n if b is None else b.n
+            ri, rj = slice(i0, i0 + a.n), slice(j0, j0 + nb)
+            for oa, ob in opairs:
+                f1, f2 = fwds[oa.start, oa.stop], fwds[ob.start, ob.stop]
+                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified)
+                if out_full:
+                    result[ri, rj, oa, ob] = block
+                    if t2 is None and not same_block:
+                        result[rj, ri, ob, oa] = block.transpose(0, 1).transpose(2, 3)
+                elif output == "diagonal":
+                    result[ri, rj, oa] = block
+                    if t2 is None and not same_block:
+                        result[rj, ri, oa] = block.transpose(0, 1)
+                else:
+                    w = (oa.stop - oa.start) / k
+                    result[ri, rj] += block * w if len(outs) > 1 else block
+                    if t2 is None and not same_block:
+                        result[rj, ri] += block.transpose(0, 1) * w if len(outs) > 1 else block.transpose(0, 1)
+                del block
+                bar.update(1)
+    finally:
+        bar.close()
+    return result
+
+
+def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
-        return _ntk_jacobian(fwd, params, a, b, independent, output)
+        return _ntk_jacobian(fwd, fwd2, params, a, b, independent, output)
     if impl == "ntk_vector":
-        return _reduce(_ntk_vector(fwd, params, a, b), output)
-    return _ntk_structured(fwd, params, a, b, model, output, verified)
+        return _reduce(_ntk_vector(fwd, fwd2, params, a, b), output)
+    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified)
 
 
-def _layer_sizes(calls) -> tuple[int, int]:
-    """(W, F) for the cost models, from the structured layers' calls recorded on a probe forward:
-    W = sum of output and input sizes per sample (cotangent and activation numbers kept by the
-    structured path), F = their forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
-    width, flops = 0, 0
-    for m, a, o in calls:
-        if a.shape[0] == 0 or o.shape[0] == 0:
+def _layer_sizes(calls, n: int) -> dict:
+    """Sizes for the cost models, from the structured layers' calls recorded on a probe forward (n samples):
+    width W = output numbers per sample (cotangents kept per output unit), inputs_sum = input/patch numbers
+    per sample, max_grad = the largest per-sample weight gradient of a shared-position layer, flops F =
+    forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
+    width, flops, inputs, max_grad = 0, 0, 0, 0
+    for call in calls:
+        if call.a.numel() == 0 or call.o.numel() == 0 or call.rule is None:
             continue  # a layer that saw none of the probe's samples (routing)
         try:
-            pa = _patches(m, a[:1])
+            w, f, i, m = feature_sizes(call, n)
         except (RuntimeError, ValueError, NotImplementedError):
             continue
-        positions, d = pa.shape[1], pa.shape[2]
-        c = o[0].numel() // max(positions, 1)
-        width += int(o[0].numel() + pa.numel() + min(positions * positions * (d + c), d * c))
-        flops += 2 * positions * d * c
-    return max(width, 1), max(flops, 1)
+        width, flops, inputs, max_grad = width + w, flops + f, inputs + i, max(max_grad, m)
+    return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad}
 
 
 def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, layer_flops: int,
@@ -750,27 +783,39 @@ def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, 
     return (n1 + n2) * (1 + 2 * k) * f + 2.0 * n1 * n2 * k * k * width_sum
 
 
-def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget) -> str:
+def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget, sizes=None) -> str:
     """``auto``: the cheapest valid implementation (FLOP model) among those whose block fits the budget
     (memory model); structured derivatives only when the samples are independent."""
     cands = (["structured"] if independent else []) + ["jacobian", "ntk_vector"]
     b1, b2 = min(n1, 256), min(n2, 256)
+    sizes = sizes or {}
 
     def fits(m):
-        return peak_memory_estimate(m, min(n1, 16), min(n2, 16), k, n_params, width_sum, item) <= budget
+        return peak_memory_estimate(m, min(n1, 16), min(n2, 16), min(k, 16), n_params, width_sum, item,
+                                    **sizes) <= budget
 
     ok = [m for m in cands if fits(m)] or cands
     return min(ok, key=lambda m: cost_estimate(m, b1, b2, k, n_params, layer_flops, width_sum, independent))
 
 
-def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: Mapping | None = None) -> torch.Tensor:
+def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: Mapping | None = None,
+                   batch_dim: Any = 0) -> torch.Tensor:
     """f(x1) f(x2)^T / k: the outer product of the outputs averaged over the k output units -- a
-    one-sample estimate of the NNGP kernel (Lee et al. 2018) for a network at initialization."""
+    one-sample estimate of the NNGP kernel (Lee et al. 2018) for a network at initialization. Inputs of
+    any structure, as for :func:`empirical_ntk`."""
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None else torch.get_default_dtype()
-    t1 = as_float_tensor(x1, "x1", dtype=dtype, device=first.device if first is not None else None, min_ndim=1)
-    t2 = t1 if x2 is None else as_float_tensor(x2, "x2", dtype=dtype, device=t1.device, min_ndim=1)
+    device = first.device if first is not None else None
+    t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
+    t2 = t1 if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
+    if x2 is not None:
+        check_pair_inputs(t1, t2)
+
+    def run(t):
+        args, kwargs = t.call()
+        return model(*args, **{**(model_kwargs or {}), **kwargs}).reshape(t.n, -1)
+
     with torch.no_grad():
-        f1 = model(t1, **(model_kwargs or {})).reshape(t1.shape[0], -1)
-        f2 = f1 if x2 is None else model(t2, **(model_kwargs or {})).reshape(t2.shape[0], -1)
+        f1 = run(t1)
+        f2 = f1 if x2 is None else run(t2)
     return f1 @ f2.T / f1.shape[1]

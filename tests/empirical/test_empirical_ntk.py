@@ -10,6 +10,7 @@ from ntkit import MemoryBudgetError
 from ntkit.empirical import empirical_ntk
 
 IMPLS = ("jacobian", "ntk_vector", "structured", "auto")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_force_ntk(model, x1, x2, names, kwargs=None):

@@ -1,0 +1,545 @@
+"""Structured rules of the empirical NTK: which layer calls are recorded, and how each one's contribution
+is assembled from its input and its output cotangents (Novak et al. 2022, Sec. 3-4).
+
+Rules (``_Call.rule``):
+
+* ``"linear"`` -- nn.Linear, ntkit's Dense, and the ``F.linear`` calls of nn.MultiheadAttention's input and
+  output projections (``in_proj_weight``/``in_proj_bias``, ``out_proj``): y = a W^T + b over any leading axes.
+* ``"conv"`` -- nn.Conv1d/2d (ungrouped): the same over patches.
+* ``"embedding"`` -- nn.Embedding: y = W[ids]. Theta_W(x, x') = sum over position pairs with equal tokens of
+  g_p . g'_q (token-match counts times cotangent products), never forming one-hot inputs or the Jacobian.
+* ``"layernorm"``, ``"channelnorm"`` (GroupNorm, eval-mode BatchNorm with running statistics): y = xhat w + b
+  with xhat the normalised input: the per-sample gradients sum_positions xhat g (weight) and sum g (bias) are
+  formed directly, O(n k size(y)).
+
+The batch axis of a linear-type call (linear, embedding, layernorm) may be its first axis, its second
+(sequence-first attention), or interleaved in a flattened first axis (attention's output projection sees
+(L n, E) rows); the layout is chosen per call and accepted only if the row check confirms it (row p of the
+laid-out call belongs to sample p alone).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.layers import DenseModule
+
+_BN = nn.modules.batchnorm._BatchNorm
+LINEAR_LIKE = ("linear", "embedding", "layernorm")
+
+
+class Call:
+    """One recorded call of a structured layer: rule, module, input a, output o, and the parameter names."""
+
+    __slots__ = ("rule", "module", "a", "o", "w", "b", "ws", "bs", "extra")
+
+    def __init__(self, rule, module, a, o, w, b, ws=1.0, bs=1.0, extra=None):
+        self.rule, self.module, self.a, self.o = rule, module, a, o
+        self.w, self.b, self.ws, self.bs, self.extra = w, b, ws, bs, extra
+
+    @property
+    def names(self) -> set[str]:
+        return {nm for nm in (self.w, self.b) if nm is not None}
+
+
+def module_rule(m: nn.Module) -> str | None:
+    """The rule for a module's own parameters, or None when the Jacobian method must take them.
+
+    Only the library's own forward, and no user hooks that could change its input or output: a subclass that
+    overrides forward (LoRA terms, masks, clamps) or a hook computes something else than the rule assumes."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if isinstance(m, DenseModule):  # its parameterization scales must be plain numbers
+        ok = (type(m).forward is DenseModule.forward and isinstance(m.weight_scale, (int, float))
+              and isinstance(m.bias_scale, (int, float)))
+        return "linear" if ok else None
+    if isinstance(m, nn.Linear):
+        return "linear" if type(m).forward is nn.Linear.forward else None
+    if isinstance(m, nn.Conv2d):
+        ok = (m.groups == 1 and type(m).forward is nn.Conv2d.forward
+              and type(m)._conv_forward is nn.Conv2d._conv_forward)
+        return "conv" if ok else None
+    if isinstance(m, nn.Conv1d):
+        ok = (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+              and type(m).forward is nn.Conv1d.forward and type(m)._conv_forward is nn.Conv1d._conv_forward)
+        return "conv" if ok else None
+    if isinstance(m, nn.Embedding):
+        ok = (type(m).forward is nn.Embedding.forward and m.max_norm is None and not m.scale_grad_by_freq
+              and not m.sparse)
+        return "embedding" if ok else None
+    if isinstance(m, nn.LayerNorm):
+        return "layernorm" if type(m).forward is nn.LayerNorm.forward and m.elementwise_affine else None
+    if isinstance(m, nn.GroupNorm):
+        return "channelnorm" if type(m).forward is nn.GroupNorm.forward and m.affine else None
+    if isinstance(m, _BN):
+        ok = (type(m).forward is _BN.forward and m.affine and m.track_running_stats
+              and m.running_mean is not None)
+        return "channelnorm" if ok else None
+    return None
+
+
+def _attention_params(model: nn.Module, pid: Mapping[int, str]):
+    """For each nn.MultiheadAttention: its projection weights (by name) with their biases."""
+    pairs, out_projs = [], set()
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention) and not (m._forward_hooks or m._forward_pre_hooks):
+            if type(m).forward is not nn.MultiheadAttention.forward:
+                continue
+            if m.in_proj_weight is not None:
+                pairs.append((pid.get(id(m.in_proj_weight)),
+                              pid.get(id(m.in_proj_bias)) if m.in_proj_bias is not None else None))
+            op = m.out_proj
+            if isinstance(op, nn.Linear) and not (op._forward_hooks or op._forward_pre_hooks):
+                pairs.append((pid.get(id(op.weight)), pid.get(id(op.bias)) if op.bias is not None else None))
+                out_projs.add(op)
+    return [(w, b) for w, b in pairs if w is not None], out_projs
+
+
+# ---------------------------------------------------------------------------------------------------
+# F.linear calls inside nn.MultiheadAttention: recorded through a wrapper of torch.nn.functional.linear that
+# is installed only while a structured forward runs (the projections never run through a module forward)
+# ---------------------------------------------------------------------------------------------------
+_LINEAR_LOCK = threading.RLock()
+_ORIGINAL_LINEAR = F.linear
+_ACTIVE = threading.local()
+
+
+def _recording_linear(input, weight, bias=None):  # noqa: A002 - torch's signature
+    out = _ORIGINAL_LINEAR(input, weight, bias)
+    rec = getattr(_ACTIVE, "recorder", None)
+    if rec is not None:
+        out = rec.linear_call(input, weight, bias, out)
+    return out
+
+
+class _LinearInterception:
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def __enter__(self):
+        _LINEAR_LOCK.acquire()
+        self.prev = getattr(_ACTIVE, "recorder", None)
+        _ACTIVE.recorder = self.recorder
+        self.saved = F.linear
+        F.linear = _recording_linear
+        return self
+
+    def __exit__(self, *exc):
+        F.linear = self.saved
+        _ACTIVE.recorder = self.prev
+        _LINEAR_LOCK.release()
+        return False
+
+
+class Recorder:
+    """Forward hooks on structured modules and interception of attention's F.linear calls: record each call's
+    input and output tensor.
+
+    ``names`` selects the parameters. ``leaf_names`` maps id(tensor) of the parameters handed to the forward
+    to their names (the forward runs through functional_call, so modules hold these tensors while it runs).
+    With ``clone_outputs`` each call returns a copy of its output, so that an in-place operation downstream
+    (``nn.ReLU(inplace=True)``) changes the copy and the recorded tensor stays the layer's output node in the
+    autograd graph; ``versions`` holds the outputs' version counters at record time (to detect such operations
+    when not copying)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], clone_outputs: bool = True, grad_only: bool = True,
+                 leaf_names: Mapping[int, str] | None = None):
+        names = set(names)
+        self.grad_only = grad_only
+        self.calls: list[Call] = []
+        self.versions: list[int] = []
+        self.handles = []
+        self.clone_outputs = clone_outputs
+        self.leaf_names = dict(leaf_names or {})
+        pid = {id(v): k for k, v in model.named_parameters()}
+        self.covered: set[str] = set()
+        from torch.nn.modules import module as _mod
+        if getattr(_mod, "_global_forward_hooks", None) or getattr(_mod, "_global_forward_pre_hooks", None):
+            names = set()  # global hooks could change any layer's input or output: no structured layers
+        pairs, out_projs = _attention_params(model, pid)
+        self.linear_weights = {w: b for w, b in pairs if w in names}
+        self.covered.update(self.linear_weights)
+        self.covered.update(b for b in self.linear_weights.values() if b in names)
+        self.rules: dict[nn.Module, str] = {}
+        for m in model.modules():
+            rule = module_rule(m)
+            if rule is None or m in out_projs:
+                continue
+            own = [pid.get(id(p)) for p in (m.weight, getattr(m, "bias", None)) if p is not None]
+            if any(n in names for n in own):
+                self.rules[m] = rule
+                self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+                self.covered.update(n for n in own if n in names)
+        self.bad: set[nn.Module] = set()  # modules with a call the rule cannot describe
+        self.bad_names_: set[str] = set()
+        self.geometry: dict[nn.Module, tuple | None] = {}
+        self.active = True
+
+    def intercept(self):
+        """Context manager: record attention's projection calls while the forward runs."""
+        if not self.linear_weights:
+            import contextlib
+            return contextlib.nullcontext()
+        return _LinearInterception(self)
+
+    @staticmethod
+    def _geometry(module):
+        """What the structured rule reads from the module besides its parameters (checked to stay constant)."""
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return (module.stride, module.padding, module.dilation, module.padding_mode, module.kernel_size)
+        if isinstance(module, DenseModule):
+            return (module.weight_scale, module.bias_scale)
+        if isinstance(module, nn.LayerNorm):
+            return (tuple(module.normalized_shape), module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return (module.num_groups, module.eps)
+        if isinstance(module, _BN):
+            return (module.eps, module.training)
+        if isinstance(module, nn.Embedding):
+            return (module.padding_idx, module.max_norm)
+        return None
+
+    def _record(self, call: Call):
+        o = call.o
+        if self.grad_only and not o.requires_grad:  # a call under no_grad: no graph, no contribution
+            return o
+        self.calls.append(call)
+        self.versions.append(o._version)
+        return o.clone() if self.clone_outputs else o
+
+    def _hook(self, module, args, kwargs, output):
+        if not self.active:  # e.g. recomputation inside a backward pass (activation checkpointing)
+            self.bad.add(module)
+            return None
+        if self._geometry(module) != self.geometry.setdefault(module, self._geometry(module)):
+            self.bad.add(module)  # a shared convolution called with different stride/padding/dilation
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            self.bad.add(module)
+            return None
+        rule = self.rules.get(module)
+        if rule == "channelnorm" and isinstance(module, _BN) and module.training:
+            self.bad.add(module)  # batch statistics: not an affine map of the sample
+            return None
+        w = self.leaf_names.get(id(module.weight))
+        bias = getattr(module, "bias", None)
+        b = self.leaf_names.get(id(bias)) if bias is not None else None
+        ws, bs = (module.weight_scale, module.bias_scale) if isinstance(module, DenseModule) else (1.0, 1.0)
+        extra = None
+        if isinstance(module, _BN):
+            extra = (module.running_mean, module.running_var)
+        new = self._record(Call(rule, module, x, output, w, b, ws, bs, extra))
+        return new if new is not output else None
+
+    def linear_call(self, x, weight, bias, out):
+        w = self.leaf_names.get(id(weight))
+        if w not in self.linear_weights or not isinstance(x, torch.Tensor):
+            return out
+        if not self.active:
+            self.bad_names_.update({w, self.linear_weights[w]} - {None})
+            return out
+        b = self.leaf_names.get(id(bias)) if bias is not None else None
+        if b is not None and b != self.linear_weights[w]:
+            b = None  # some other tensor as bias: its own uses are checked like any unrecorded use
+        return self._record(Call("linear", None, x, out, w, b))
+
+    def bad_names(self, pid) -> set[str]:
+        # geometry read again now: attributes changed after the last call also invalidate the patches
+        bad = self.bad | {m for m, geo in self.geometry.items() if self._geometry(m) != geo}
+        out = set(self.bad_names_)
+        for m in bad:
+            out.update(nm for nm in module_param_names(m, pid) if nm is not None)
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def module_param_names(module: nn.Module, pid: Mapping[int, str]) -> tuple[str | None, str | None]:
+    w = pid.get(id(module.weight))
+    b = pid.get(id(module.bias)) if getattr(module, "bias", None) is not None else None
+    return w, b
+
+
+# ---------------------------------------------------------------------------------------------------
+# layouts: where the batch is in a call
+# ---------------------------------------------------------------------------------------------------
+def _feature_ndim(call: Call) -> int:
+    """Trailing axes of the output that are features (not positions or batch)."""
+    if call.rule == "layernorm":
+        return len(call.module.normalized_shape)
+    return 1
+
+
+def layouts(call: Call, n: int) -> list[str]:
+    """Candidate batch layouts of a call's leading axes, in the order they are tried."""
+    o = call.o
+    if call.rule not in LINEAR_LIKE:
+        return ["first"] if o.ndim >= 1 and o.shape[0] == n and call.a.shape[0] == n else []
+    lead = o.shape[:o.ndim - _feature_ndim(call)]
+    out = []
+    if len(lead) >= 1 and lead[0] == n:
+        out.append("first")
+    if len(lead) >= 2 and lead[1] == n:
+        out.append("second")
+    if len(lead) >= 1 and lead[0] % n == 0 and lead[0] > n:
+        out += ["interleaved", "blocked"]
+    return out
+
+
+def apply_layout(t: torch.Tensor, layout: str, n: int, offset: int = 0) -> torch.Tensor:
+    """Move the batch of a tensor shaped like the call (after ``offset`` leading axes) to axis ``offset``."""
+    if layout == "first":
+        return t
+    if layout == "second":
+        return t.movedim(offset + 1, offset)
+    m = t.shape[offset] // n
+    shape = t.shape[:offset]
+    rest = t.shape[offset + 1:]
+    if layout == "interleaved":  # rows r = l n + p
+        return t.reshape(*shape, m, n, *rest).movedim(offset + 1, offset)
+    return t.reshape(*shape, n, m, *rest)  # blocked: rows r = p m + l
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-call features
+# ---------------------------------------------------------------------------------------------------
+def patches(module: nn.Module | None, a: torch.Tensor) -> torch.Tensor:
+    """Layer input (batch first) as (n, positions, features) so that output = patches @ W_flat^T (+ b)."""
+    if module is None or isinstance(module, (nn.Linear, DenseModule)):
+        n = a.shape[0]
+        return a.reshape(n, -1, a.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            pad = module._reversed_padding_repeated_twice
+            a = F.pad(a, pad, mode=module.padding_mode if module.padding_mode != "zeros" else "constant")
+            padding = 0
+        else:
+            padding = module.padding
+        if module.groups != 1:
+            raise NotImplementedError
+        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding,
+                        stride=module.stride)  # (n, C kh kw, L)
+        return cols.transpose(1, 2)
+    if isinstance(module, nn.Conv1d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise NotImplementedError
+        cols = F.unfold(a.unsqueeze(-1), (module.kernel_size[0], 1), dilation=(module.dilation[0], 1),
+                        padding=(module.padding[0], 0), stride=(module.stride[0], 1))
+        return cols.transpose(1, 2)
+    raise NotImplementedError  # pragma: no cover
+
+
+def cotangent_positions(call: Call, g: torch.Tensor) -> torch.Tensor:
+    """Output cotangent (n, k, *out_shape) as (n, k, positions, channels)."""
+    n, k = g.shape[:2]
+    if call.rule in ("linear", "embedding"):
+        return g.reshape(n, k, -1, g.shape[-1])
+    return g.reshape(n, k, g.shape[2], -1).transpose(2, 3)  # conv: (n, k, C_out, L) -> (n, k, L, C_out)
+
+
+def _normalised(call: Call, a: torch.Tensor) -> torch.Tensor:
+    """xhat of a norm layer's call (input batch first), recomputed the way the module computes it."""
+    m = call.module
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(a, tuple(m.normalized_shape), None, None, m.eps)
+    if isinstance(m, nn.GroupNorm):
+        return F.group_norm(a, m.num_groups, None, None, m.eps)
+    mean, var = call.extra
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    return (a - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + m.eps)
+
+
+def _affine_shape(call: Call, ndim: int) -> tuple:
+    if call.rule == "layernorm":
+        return tuple(call.module.normalized_shape)
+    return (-1,) + (1,) * (ndim - 2)
+
+
+def features(call: Call, a: torch.Tensor, o: torch.Tensor, g: torch.Tensor, params: Mapping[str, torch.Tensor]):
+    """The per-call data the pair terms need, from the batch-first input a, output o and cotangents
+    g (n, k, *o.shape[1:]); None when the call is not what the rule describes (checked against its output)."""
+    n, k = g.shape[:2]
+    if call.rule in ("linear", "conv"):
+        return ("dense", patches(call.module, a), cotangent_positions(call, g))
+    if call.rule == "embedding":
+        weight = params[call.w]
+        if a.is_floating_point() or a.is_complex() or not torch.equal(F.embedding(a, weight.detach()), o):
+            return None
+        ids = a.reshape(n, -1).to(torch.int64)
+        pad = call.module.padding_idx
+        if pad is not None:
+            ids = torch.where(ids == pad, torch.full_like(ids, -1), ids)  # no gradient reaches the padding row
+        return ("embedding", ids, cotangent_positions(call, g))
+    # norms: y = xhat w + b
+    xhat = _normalised(call, a)
+    fd = _feature_ndim(call) if call.rule == "layernorm" else None
+    w = params[call.w] if call.w is not None else call.module.weight.detach()
+    bias = params[call.b] if call.b is not None else (call.module.bias.detach() if call.module.bias is not None
+                                                      else None)
+    shape = _affine_shape(call, a.ndim)
+    want = xhat * w.detach().reshape(shape) + (0 if bias is None else bias.detach().reshape(shape))
+    tol = torch.finfo(o.dtype).eps ** 0.5 * (1.0 + float(o.detach().abs().max()))
+    if want.shape != o.shape or float((want - o.detach()).abs().max()) > tol:
+        return None
+    if call.rule == "layernorm":  # sum over the leading positions, keep the normalised features
+        gw = (xhat.unsqueeze(1) * g).reshape(n, k, -1, *g.shape[g.ndim - fd:]).sum(2).reshape(n, k, -1)
+        gb = g.reshape(n, k, -1, *g.shape[g.ndim - fd:]).sum(2).reshape(n, k, -1)
+    else:  # channels on axis 1 of the call: sum over the spatial positions
+        c = o.shape[1]
+        gw = (xhat.unsqueeze(1) * g).reshape(n, k, c, -1).sum(-1)
+        gb = g.reshape(n, k, c, -1).sum(-1)
+    return ("grad", gw, gb)
+
+
+def feature_sizes(call: Call, n: int) -> tuple[int, int, int, int]:
+    """Per sample, for the cost and memory models: (output numbers kept per output unit, forward FLOPs,
+    input/patch numbers kept, size of the per-sample weight gradient formed when positions are many)."""
+    o, a = call.o, call.a
+    per_o = o.numel() // max(n, 1)
+    if call.rule in ("linear", "conv"):
+        lay = next(iter(layouts(call, n)), None)
+        if lay is None:
+            return 0, 0, 0, 0
+        pa = patches(call.module, apply_layout(a, lay, n)[:1])
+        positions, d = pa.shape[1], pa.shape[2]
+        c = per_o // max(positions, 1)
+        many = positions > 1 and positions * positions * (d + c) > d * c
+        return int(per_o), 2 * positions * d * c, int(pa.numel()), d * c if many else 0
+    if call.rule == "embedding":
+        return int(per_o), per_o, int(a.numel() // max(n, 1)), 0
+    return int(per_o), 8 * per_o, int(per_o), 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# pair terms
+# ---------------------------------------------------------------------------------------------------
+def contract(u1: torch.Tensor, u2: torch.Tensor, output: str) -> torch.Tensor:
+    """sum_f u1[i, a, f] u2[j, b, f] for u of shape (n, k, F), reduced as ``output`` asks -- one matmul:
+    "full" (n1, n2, k, k); "diagonal" (n1, n2, k) (a = b only); "trace" (n1, n2), the mean over a of the
+    diagonal (never forming the k x k blocks)."""
+    n1, k, f = u1.shape
+    n2, k2 = u2.shape[:2]
+    if output == "trace":
+        return (u1.reshape(n1, k * f) @ u2.reshape(n2, k * f).T).div_(k)
+    if output == "diagonal":
+        return torch.bmm(u1.transpose(0, 1), u2.permute(1, 2, 0)).permute(1, 2, 0)
+    return (u1.reshape(n1 * k, f) @ u2.reshape(n2 * k2, f).T).reshape(n1, k, n2, k2).permute(0, 2, 1, 3)
+
+
+def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
+    """A per-pair factor (n1, n2) shaped to multiply a reduced output."""
+    return aa if output == "trace" else aa[:, :, None] if output == "diagonal" else aa[:, :, None, None]
+
+
+_PAIR_CHUNK = 1 << 22
+GRAD_CHUNK = 1 << 25  # numbers of one side's per-sample weight gradients formed at a time  # numbers per gathered chunk of matched token pairs
+
+
+def _embedding_term(e1, e2, output: str) -> torch.Tensor:
+    """sum over (p, q) with ids1[i, p] == ids2[j, q] of g1[i, a, p] . g2[j, b, q].
+
+    Per sample and token the cotangents are summed first (h[i, t] = sum_{p: ids[i, p] = t} g[i, :, p]); then
+    only pairs of rows holding the same token are multiplied (sorted search), in bounded chunks."""
+    (_, ids1, g1), (_, ids2, g2) = e1, e2
+    n1, k, _, dim = g1.shape
+    n2 = g2.shape[0]
+    top = int(max(int(ids1.max()), int(ids2.max()), 0)) + 1
+
+    def rows(ids, g):
+        n, length = ids.shape
+        k = g.shape[1]
+        keep = ids.reshape(-1) >= 0
+        key = (torch.arange(n, device=ids.device).repeat_interleave(length) * top + ids.reshape(-1))[keep]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        gg = g.permute(0, 2, 1, 3).reshape(n * length, k, dim)[keep]
+        h = torch.zeros((uniq.numel(), k, dim), dtype=g.dtype, device=g.device).index_add_(0, inv, gg)
+        return uniq // top, uniq % top, h
+
+    s1, t1, h1 = rows(ids1, g1)
+    s2, t2, h2 = (s1, t1, h1) if e2 is e1 else rows(ids2, g2)
+    order = torch.argsort(t2)
+    t2s = t2[order]
+    lo = torch.searchsorted(t2s, t1, right=False)
+    hi = torch.searchsorted(t2s, t1, right=True)
+    counts = hi - lo
+    shape = {"full": (n1 * n2, k, g2.shape[1]), "diagonal": (n1 * n2, k), "trace": (n1 * n2,)}[output]
+    out = torch.zeros(shape, dtype=g1.dtype, device=g1.device)
+    total = int(counts.sum())
+    if total:
+        r1 = torch.repeat_interleave(torch.arange(t1.numel(), device=t1.device), counts)
+        start = torch.cumsum(counts, 0) - counts
+        within = torch.arange(total, device=t1.device) - torch.repeat_interleave(start, counts)
+        r2 = order[lo[r1] + within]
+        step = max(1, _PAIR_CHUNK // max(1, k * dim))
+        for c0 in range(0, total, step):
+            a_, b_ = r1[c0:c0 + step], r2[c0:c0 + step]
+            u, v = h1[a_], h2[b_]  # (m, k, D)
+            if output == "full":
+                val = torch.bmm(u, v.transpose(1, 2))
+            elif output == "diagonal":
+                val = (u * v).sum(-1)
+            else:
+                val = (u * v).sum((1, 2)) / k
+            out.index_add_(0, s1[a_] * n2 + s2[b_], val)
+    return out.reshape(n1, n2, *shape[1:])
+
+
+def pair_term(f1, f2, weight: bool, output: str, cache: dict, key) -> torch.Tensor:
+    """Contribution of one (use in x1, use in x2) pair of a weight or bias, unscaled.
+
+    Dense calls on one position (a Linear on flat input): (a1 a2^T) (.) (g1 g2^T), and g1 g2^T alone for the
+    bias -- the product g1 g2^T is computed once per call pair and shared by weight and bias. Weights shared
+    over positions p (convolutions, Linear over a sequence): sum_{p, p'} (a1_p . a2_p') (g1_p . g2_p'),
+    contracted over position pairs when there are few, otherwise through per-sample weight gradients.
+    Embeddings: token matches; norms: their per-sample gradients."""
+    kind = f1[0]
+    if kind == "grad":
+        return contract(f1[1] if weight else f1[2], f2[1] if weight else f2[2], output)
+    if kind == "embedding":
+        return _embedding_term(f1, f2, output)
+    (_, a1, g1), (_, a2, g2) = f1, f2
+    L1, L2 = a1.shape[1], a2.shape[1]
+    if L1 == 1 and L2 == 1:
+        if ("gg", key) not in cache:
+            cache["gg", key] = contract(g1[:, :, 0], g2[:, :, 0], output)
+        if not weight:
+            return cache["gg", key]
+        return _expand(a1[:, 0] @ a2[:, 0].T, output) * cache["gg", key]
+    if not weight:  # bias: sum over positions of g
+        return contract(g1.sum(2), g2.sum(2), output)
+    d, c = a1.shape[2], g1.shape[3]
+    if L1 * L2 * (d + c) <= d * c:  # few positions: contract over position pairs
+        aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
+        spec = {"full": "ijab", "diagonal": "ija", "trace": "ij"}[output]
+        term = torch.einsum(f"ijpq,iapc,j{'a' if output != 'full' else 'b'}qc->{spec}", aa, g1, g2)
+        return term.div_(g1.shape[1]) if output == "trace" else term
+    # many positions: per-sample weight gradients (n, k, d c), then their inner products -- in row chunks
+    # of at most GRAD_CHUNK numbers per side
+    k = g1.shape[1]
+    rows = max(1, GRAD_CHUNK // max(1, k * d * c))
+    n1, n2 = a1.shape[0], a2.shape[0]
+    if n1 <= rows and n2 <= rows:
+        if ("m1", key[0]) not in cache:
+            cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
+        m1 = cache["m1", key[0]]
+        m2 = m1 if f2 is f1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
+        return contract(m1, m2, output)
+    out = None
+    for i0 in range(0, n1, rows):
+        m1 = torch.einsum("ipd,iapc->iadc", a1[i0:i0 + rows], g1[i0:i0 + rows]).flatten(2)
+        for j0 in range(0, n2, rows):
+            m2 = torch.einsum("ipd,iapc->iadc", a2[j0:j0 + rows], g2[j0:j0 + rows]).flatten(2)
+            part = contract(m1, m2, output)
+            if out is None:
+                out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
+            out[i0:i0 + rows, j0:j0 + rows] = part
+            del m2, part
+        del m1
+    return out
