@@ -244,7 +244,7 @@ class Architecture:
         width: int | Sequence[int] | None = None,
         layout: str = "NHWC",
         pixel_pairs: bool | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
         init: str = "gaussian",
     ):
         """Exact infinite-width NNGP and/or NTK between the rows of ``x1`` and ``x2``.
@@ -288,8 +288,9 @@ class Architecture:
             last (global) average pooling layer, only the same-position diagonal after it (which is all
             convolutions, pointwise layers and Flatten need). True keeps pixel pairs throughout (same
             numbers, more work); False refuses architectures with pooling.
-        progress : bool
-            Draw a progress bar over the tiles (only on a terminal).
+        progress : bool, optional
+            A progress bar over the tiles, drawn only on a terminal. None (default): when the work takes
+            more than one tile; False: never; True: always.
         init : {"gaussian", "orthogonal"}
             The initialization of the finite twin (:meth:`init`) whose limit is computed. Gaussian and
             Haar-orthogonal dense layers have the same limit (Huang et al. 2021); delta-orthogonal
@@ -459,7 +460,8 @@ class Architecture:
         a, b = self._scaled(t1), None if t2 is None else self._scaled(t2)
         ctx = KernelContext(self.parameterization, init)
         outs = {name: empty_output((n,), t1.dtype, t1.device) for name in names}
-        for i0 in progress(range(0, n, chunk), desc="kernel diagonal", unit="chunk", enabled=progress_flag):
+        show = n > chunk if progress_flag is None else progress_flag
+        for i0 in progress(range(0, n, chunk), desc="kernel diagonal", unit="chunk", enabled=show):
             i1 = min(i0 + chunk, n)
             st = input_state(a[i0:i1], None if b is None else b[i0:i1], pairwise=True, pixel_pairs=switch > 0,
                              need_ntk="ntk" in names, width=self._width0(t1))
@@ -525,7 +527,8 @@ class Architecture:
         outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
         ctx = KernelContext(self.parameterization, init)
         tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
-        for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=progress_flag):
+        show = len(tiles) > 1 if progress_flag is None else progress_flag
+        for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=show):
             i1, j1 = min(i0 + block, n1), min(j0 + block, n2)
             diag_tile = same and i0 == j0
             st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=False,
