@@ -197,6 +197,8 @@ def _kernel(args) -> int:
                          + ("" if x2 is None else f", --x2 has shape {x2.shape}"))
     if x2 is not None and x1.shape[1:] != x2.shape[1:]:
         raise UsageError(f"--x1 rows have shape {x1.shape[1:]} but --x2 rows have shape {x2.shape[1:]}; they must match")
+    if args.store:
+        return _kernel_to_store(args, arch, x1, x2, get)
     file, folder = _out_paths(args.out, "kernels.npz")
     t0 = time.perf_counter()
     k = arch.kernel(x1, x2, get, dtype=_dtype(args.dtype), device=_device(args.device))
@@ -222,6 +224,28 @@ def _kernel(args) -> int:
         path = _config_report("ntkit kernel", f"Exact kernels of the architecture in {args.config} on {args.x1}"
                               + (f" and {args.x2}" if args.x2 else "") + ".", results, folder, figs)
         print(path)
+    return 0
+
+
+def _kernel_to_store(args, arch, x1, x2, get) -> int:
+    """``ntkit kernel --store DIR``: one resumable zarr store per kernel (DIR/nngp.zarr, DIR/ntk.zarr)."""
+    from pathlib import Path
+
+    from .store import store_kernel
+
+    if args.out:
+        raise UsageError("--store and --out both name an output; give one (--store writes zarr stores)")
+    root = Path(args.store)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--store {root} exists and is not a folder; name a folder for the zarr stores")
+    root.mkdir(parents=True, exist_ok=True)
+    for g in get:
+        t0 = time.perf_counter()
+        arr = store_kernel(arch.kernel_fn(g), x1, x2, path=root / f"{g}.zarr", dtype=_dtype(args.dtype),
+                           memory_budget=args.memory_budget, scheduler=args.scheduler,
+                           progress=not args.no_progress)
+        print(f"wrote {root / (g + '.zarr')}: {g} {tuple(arr.shape)} {arr.dtype} in {time.perf_counter() - t0:.3f} s "
+              "(zarr; resumable: the same command finishes an interrupted store)")
     return 0
 
 
@@ -617,6 +641,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--x1", required=True, help="inputs (n1, d): .npy, .csv, .npz or file.npz:NAME")
     p.add_argument("--x2", help="second inputs (n2, d); default x1")
     p.add_argument("--get", default="nngp,ntk", help="nngp, ntk or both (comma-separated)")
+    p.add_argument("--store", default=None, help="folder for out-of-core zarr stores (one per kernel, tile by tile, "
+                   "resumable) instead of an .npz; needs zarr")
+    p.add_argument("--memory-budget", type=float, default=None, help="bytes for tiles in flight with --store")
+    p.add_argument("--scheduler", default=None, help="with --store: 'local' (a Dask LocalCluster) or a scheduler "
+                   "address")
     p.add_argument("--out", default=None, help="FILE.npz for the arrays, or a folder (arrays + results.json + "
                                                "report.html); default kernels.npz")
 

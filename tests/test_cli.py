@@ -116,6 +116,26 @@ def test_kernel_command_matches_the_library(files, tmp_path):
     assert proc.stdout.strip().splitlines()[-1].endswith("report.html")
 
 
+def test_kernel_command_writes_resumable_zarr_stores(files, tmp_path):
+    d, arch, xtr, ytr, xte = files
+    proc = run("kernel", "--config", "arch.json", "--x1", "xtr.npy", "--store", tmp_path / "st", "--no-progress", cwd=d)
+    assert proc.returncode == 0, proc.stderr
+    import zarr
+
+    for g in ("nngp", "ntk"):
+        got = zarr.open_array(str(tmp_path / "st" / f"{g}.zarr"), mode="r")[...]
+        np.testing.assert_allclose(got, arch.kernel(xtr, get=g).numpy(), rtol=1e-12)
+    again = run("kernel", "--config", "arch.json", "--x1", "xtr.npy", "--store", tmp_path / "st", "--no-progress",
+                cwd=d)  # a finished store: the same command only checks it
+    assert again.returncode == 0, again.stderr
+    # a store of other inputs is refused with one line, and a file is not a folder
+    assert_user_error(inproc("kernel", "--config", "arch.json", "--x1", "xte.npy", "--store", str(tmp_path / "st"),
+                             cwd=d), "ntk")
+    (tmp_path / "f").write_text("x")
+    assert_user_error(inproc("kernel", "--config", "arch.json", "--x1", "xtr.npy", "--store", str(tmp_path / "f"),
+                             cwd=d), "not a folder")
+
+
 def test_kernel_command_user_errors(files):
     d = files[0]
     assert_user_error(run("kernel", "--config", "nope.json", "--x1", "xtr.npy", cwd=d), "nope.json", "not found")
