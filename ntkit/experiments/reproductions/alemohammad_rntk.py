@@ -284,7 +284,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
 
     # ---------------- report ----------------
     rep = Report(TITLE, intro=(__doc__ or "").split("\n\n")[0].replace("\n", " "))
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     meth = ("RNTK-SVM", "RNTK-SVM last only", "NTK padded", "NTK resampled")
     xs = np.arange(len(rows))
     for i, m in enumerate(meth):
@@ -298,7 +298,8 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test accuracy")
     ax.set_title("SVM accuracy on variable-length sequences")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
+    fig.tight_layout()
     rep.section("Classification of variable-length sequences",
                 "SVM on the normalised RNTK of the raw sequences vs the NTK of a ReLU MLP on zero-padded / "
                 "resampled sequences (C, and W_std in the full run, by 3-fold CV on the training set).")
