@@ -134,6 +134,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     rep.section("Gram-matrix error vs feature dimension",
                 f"{dname}, the first {cfg['n_err']} training images; mean over {seeds} seeds of the feature map, "
                 "error bars 2 standard errors; lines: power laws fitted with those errors.")
+    fig.tight_layout()
     rep.figure(fig, "gram_error", "Relative Frobenius error of the feature Gram against the exact NTK, log-log, "
                "with the m^-1/2 line.")
     plt.close(fig)
@@ -194,6 +195,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     rep.section("Accuracy and time vs feature dimension",
                 f"Ridge regression with lambda = {diag_reg:g} x mean diag K = {lam:.4g} for every method; "
                 "one-hot targets minus 0.1, arg-max.")
+    fig.tight_layout()
     rep.figure(fig, "accuracy_time", "Test accuracy (exact NTK: dashed line, shaded: 3 binomial standard errors "
                "below it) and time of fit + predictions vs m.")
     plt.close(fig)
