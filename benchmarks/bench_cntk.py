@@ -55,7 +55,8 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save):
     """Runs in a fresh subprocess: time ntkit on the benchmark inputs and report its peak memory."""
     import torch
 
-    torch.set_num_threads(1)
+    threads = int(os.environ.get("BENCH_CNTK_THREADS", "1"))
+    torch.set_num_threads(threads)
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
     arch = cnn(depth, readout)
     x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(np.float32 if dtype == "float32" else None)
@@ -71,7 +72,7 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save):
     med = statistics.median(times)
     return {"lib": "ntkit", "readout": readout, "n": n, "shape": [h, w, c], "depth": depth, "dtype": dtype,
             "seconds": round(med, 6), "seconds_per_entry": med / n**2, "all_seconds": [round(t, 4) for t in times],
-            "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": 1}
+            "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": threads}
 
 
 def run_ntkit(args, n, readout, dtype, save):
@@ -145,8 +146,10 @@ def main():
     ap.add_argument("--mnist-dtype", default="float32")
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--only-mnist", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for ntkit's CNTK runs (default 1)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["BENCH_CNTK_THREADS"] = str(args.threads)  # read by the --one subprocesses
     if args.one:
         print(json.dumps(one_ntkit(*json.loads(args.one))))
         return
