@@ -116,7 +116,16 @@ class FeatureMap:
         return t, numpy_in
 
     def _to(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Move the random matrices to ``device`` in ``dtype`` (cached)."""
+        """Move the per-layer random matrices (``_params64``, float64 on the CPU) to ``device`` in ``dtype``;
+        cached in ``_params`` until another dtype or device is asked for."""
+        key = (dtype, str(device))
+        if self._params_key == key:
+            return
+        self._params = [None if p is None else self._convert(p, dtype, device) for p in self._params64]
+        self._params_key = key
+
+    def _convert(self, layer_params: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+        """One layer's random matrices in ``dtype`` on ``device``."""
         raise NotImplementedError  # pragma: no cover
 
     def _batch_rows(self, n: int, item: int, device: torch.device) -> int:

@@ -171,19 +171,13 @@ class NTKRandomFeatures(FeatureMap):
         self._params = None
         self._params_key = None
 
-    def _to(self, dtype, device):
-        key = (dtype, str(device))
-        if self._params_key == key:
-            return
-        out = []
-        for p in self._params64:
-            if p is None:
-                out.append(None)
-                continue
-            g1, g0, w0, sk = p
-            conv = (lambda a: None if a is None else a.to(dtype=dtype, device=device))
-            out.append((conv(g1), conv(g0), conv(w0), None if sk is None else sk.to(dtype, device)))
-        self._params, self._params_key = out, key
+    def _convert(self, layer_params, dtype, device):
+        g1, g0, w0, sk = layer_params
+
+        def conv(a):
+            return None if a is None else a.to(dtype=dtype, device=device)
+
+        return conv(g1), conv(g0), conv(w0), None if sk is None else sk.to(dtype, device)
 
     def _row_bytes(self) -> int:
         return 4 * self._max_dim + 2 * self.n_components_

@@ -113,19 +113,10 @@ class NTKSketch(NTKRandomFeatures):
         self._params = None
         self._params_key = None
 
-    def _to(self, dtype, device):
-        key = (dtype, str(device))
-        if self._params_key == key:
-            return
-        out = []
-        for prm in self._params64:
-            if prm is None:
-                out.append(None)
-                continue
-            c, e, first, chain, sk = prm
-            out.append((c.to(dtype=dtype, device=device), e.to(dtype=dtype, device=device), first.to(dtype, device),
-                        [tk.to(dtype, device) for tk in chain], None if sk is None else sk.to(dtype, device)))
-        self._params, self._params_key = out, key
+    def _convert(self, layer_params, dtype, device):
+        c, e, first, chain, sk = layer_params
+        return (c.to(dtype=dtype, device=device), e.to(dtype=dtype, device=device), first.to(dtype, device),
+                [tk.to(dtype, device) for tk in chain], None if sk is None else sk.to(dtype, device))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         ntk = self.kernel == "ntk"
