@@ -156,3 +156,27 @@ def times(t: Any, *, discrete: bool = False, dtype=torch.float64, device=None) -
             raise ValueError("for discrete gradient descent the times are step counts; pass integers "
                              f"(got e.g. {float(fin[fin != torch.round(fin)][0])}).")
     return tt, scalar
+
+
+class TrainedTargets:
+    """Shared by the predictors: initial outputs and the shape of what ``predict`` returns.
+
+    Subclasses set ``y_train`` (an (n, k) tensor), ``dtype``, ``device`` and ``_y_1d`` (whether the user passed
+    one-dimensional targets, which are then returned one-dimensional).
+    """
+
+    y_train: torch.Tensor
+    _y_1d: bool
+
+    def _f0(self, f0, n, name):
+        if f0 is None:
+            return torch.zeros(n, self.y_train.shape[1], dtype=self.dtype, device=self.device)
+        f, _ = targets(f0, n, dtype=self.dtype, device=self.device, name=name)
+        if f.shape[1] != self.y_train.shape[1]:
+            raise ValueError(f"{name} has {f.shape[1]} outputs but y_train has {self.y_train.shape[1]}")
+        return f
+
+    def _shape(self, x, scalar):
+        if self._y_1d:
+            x = x[..., 0]
+        return x[0] if scalar else x

@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .._linalg import symmetric_eigh
-from ._common import (check_rate, normalization_constant, regularize, resolve_kernel, square_kernel, targets,
-                      times, to_tensor)
+from ._common import (TrainedTargets, check_rate, normalization_constant, regularize, resolve_kernel, square_kernel,
+                      targets, times, to_tensor)
 
 __all__ = ["MSEPredictor", "Prediction", "EigenView", "gradient_descent_mse", "max_learning_rate"]
 
@@ -60,7 +60,7 @@ class EigenView(NamedTuple):
     residual: torch.Tensor
 
 
-class MSEPredictor:
+class MSEPredictor(TrainedTargets):
     """Closed-form MSE training dynamics of a kernel machine (see :func:`gradient_descent_mse`)."""
 
     def __init__(self, k_train_train: Any, y_train: Any, *, learning_rate: float = 1.0, diag_reg: float = 0.0,
@@ -243,19 +243,6 @@ class MSEPredictor:
             raise ValueError(f"k_test_train has shape {tuple(ks.shape)}; its second dimension must be the number "
                              f"of training points {self.n}.")
         return ks
-
-    def _f0(self, f0, n, name):
-        if f0 is None:
-            return torch.zeros(n, self.y_train.shape[1], dtype=self.dtype, device=self.device)
-        f, _ = targets(f0, n, dtype=self.dtype, device=self.device, name=name)
-        if f.shape[1] != self.y_train.shape[1]:
-            raise ValueError(f"{name} has {f.shape[1]} outputs but y_train has {self.y_train.shape[1]}")
-        return f
-
-    def _shape(self, x, scalar):
-        if self._y_1d:
-            x = x[..., 0]
-        return x[0] if scalar else x
 
     def __repr__(self):
         kind = "gradient descent" if self.discrete else "gradient flow"

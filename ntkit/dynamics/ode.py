@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from ._common import check_rate, normalization_constant, regularize, resolve_kernel, targets, times, to_tensor
+from ._common import (TrainedTargets, check_rate, normalization_constant, regularize, resolve_kernel, targets, times,
+                      to_tensor)
 from .mse import Prediction
 
 __all__ = ["ODEPredictor", "gradient_descent", "LOSSES", "dormand_prince"]
@@ -112,7 +113,7 @@ def dormand_prince(rhs: Callable[[float, torch.Tensor], torch.Tensor], y0: torch
     return out
 
 
-class ODEPredictor:
+class ODEPredictor(TrainedTargets):
     """Function-space training dynamics for a general loss (see :func:`gradient_descent`)."""
 
     def __init__(self, loss: str | Callable, k_train_train: Any, y_train: Any, *, learning_rate: float = 1.0,
@@ -210,19 +211,6 @@ class ODEPredictor:
             res[i] = sol[j][: z0.shape[0]]
         train, test = res[:, :n], (res[:, n:] if k_test_train is not None else None)
         return Prediction(self._shape(train, scalar), None if test is None else self._shape(test, scalar))
-
-    def _f0(self, f0, n, name):
-        if f0 is None:
-            return torch.zeros(n, self.y_train.shape[1], dtype=self.dtype, device=self.device)
-        f, _ = targets(f0, n, dtype=self.dtype, device=self.device, name=name)
-        if f.shape[1] != self.y_train.shape[1]:
-            raise ValueError(f"{name} has {f.shape[1]} outputs but y_train has {self.y_train.shape[1]}")
-        return f
-
-    def _shape(self, x, scalar):
-        if self._y_1d:
-            x = x[..., 0]
-        return x[0] if scalar else x
 
 
 def gradient_descent(loss: str | Callable, k_train_train: Any, y_train: Any, *, learning_rate: float = 1.0,
