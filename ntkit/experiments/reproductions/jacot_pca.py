@@ -5,7 +5,8 @@ Paper's setup
 -------------
 512 MNIST digits (pixels in [0, 1]), the NTK of a ReLU network with beta = 0.1 ("depth 4"), computed from a
 width-10 000 network; the eigenvalues of the non-centred Gram matrix divided by 512 are lambda1 = 0.0457,
-lambda2 = 0.00108, lambda3 = 0.00078 (Sec. 6), and the batch in the plane of the 2nd and 3rd components shows the digits (Fig. 3a).
+lambda2 = 0.00108, lambda3 = 0.00078 (Sec. 6), and the batch in the plane of the 2nd and 3rd components
+shows the digits (Fig. 3a).
 Trained on a target along the second component with ||f*|| = 0.5, the residual's component g_t along it
 decays as ||g_t|| = 0.5 exp(-lambda2 t) (Sec. 5, gradient flow of the cost (1/2N) sum (f - y)^2, time in
 units where df/dt = -(1/N) Theta (f - y)), more closely at widths 100, 1000, 10 000 (Fig. 3b).
@@ -213,8 +214,8 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
              "lambda3": sd_samp[2]}]
     rows += [{"": f"network-to-network sd, width {wf} ({cfg['fw_seeds']} networks)", "lambda1": v[0],
               "lambda2": v[1], "lambda3": v[2]} for wf, v in sd_fw_at.items()]
-    rows += [{"": f"width-10 000 sd (width {w_fw} scaled by its^-1/2)", "lambda1": sd_fw[0], "lambda2": sd_fw[1],
-              "lambda3": sd_fw[2]},
+    rows += [{"": f"width-10 000 sd (width-{w_fw} sd x sqrt({w_fw} / 10 000))", "lambda1": sd_fw[0],
+              "lambda2": sd_fw[1], "lambda3": sd_fw[2]},
              {"": "exact NTK, 3 hidden layers", "lambda1": lam3h[0], "lambda2": lam3h[1], "lambda3": lam3h[2]}]
     rep.table(rows, caption=f"Top eigenvalues of the non-centred NTK Gram matrix / {n} ({source}). The network-"
                             f"to-network sd of lambda1 falls like width^{fw_exponent:.2f} between widths "
