@@ -78,8 +78,8 @@ def _config(quick: bool) -> dict:
     if quick:
         return dict(widths=[50, 400], seeds=[100, 8], steps=300, learning_rate=1.0, n_circle=65, n_plot=10)
     # 300 steps, not the paper's 1000: training has converged by then (the slowest mode has decayed by
-    # (1 - 0.040)^300 = 4e-6; the GP means at t = 300 and t = 1000 differ by 2e-6), and 1000 steps of the 20 width-1000
-    # networks take over an hour on a shared 2-core CPU
+    # (1 - 0.040)^300 = 4e-6; the GP means at t = 300 and t = 1000 differ by 2e-6), and 1000 steps of the
+    # 20 width-1000 networks take over an hour on a shared 2-core CPU
     return dict(widths=[50, 250, 1000], seeds=[100, 40, 20], steps=300, learning_rate=1.0, n_circle=121,
                 n_plot=10)
 
