@@ -451,119 +451,125 @@ def _pair(v1: torch.Tensor, v2: torch.Tensor, pairwise: bool):
 
 
 def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
-    """One direction of one RNN over the (T1, T2) time grids of P pairs of sequences, one row t at a time.
+    """One direction of one RNN over the (T1, T2) time grids of a block of pairs, one row t at a time.
 
-    kin, tin: (P, T1, T2) input kernels of the pairs (tin None for raw input), sequences start-aligned;
-    q1 (P, T1), q2 (P, T2): Var g_t of either side. Each row is vectorised over t' and all P pairs; step
-    (t, t') reads (t - 1, t' - 1), the previous row shifted by one column, held in a buffer whose column 0
-    is h_0 = 0, so the shift is a view. Cells past either sequence's end hold the kernel of the
-    zero-extended sequences (finite, consistent with q past the end); they are never read by valid cells.
+    kin, tin: (*B, T1, T2) input kernels of the pairs (tin None for raw input), sequences start-aligned;
+    q1 (*B1, T1), q2 (*B2, T2): Var g_t of either side, l1 (*B1), l2 (*B2) their lengths, with B1 and B2
+    broadcasting to the block B: (b1, 1) and (1, b2) for a tile of b1 x b2 pairs, (P,) and (P,) for a list
+    of P pairs. Each row is vectorised over t' and all pairs; step (t, t') reads (t - 1, t' - 1), the
+    previous row shifted by one column, held in a buffer whose column 0 is h_0 = 0 (the shift is a view).
+    Cells past either sequence's end hold the kernel of the zero-extended sequences (finite, consistent
+    with q past the end); valid cells never read them.
 
-    mode "grid": return the grids (K, K' Theta), (P, T1, T2) views; "mean": their means over the valid
-    cells, (P,), accumulated as column sums over the valid rows (no grid is stored); "last": the values at
-    (T1_p - 1, T2_p - 1), (P,).
+    mode "grid": return the grids (K, K' Theta), (*B, T1, T2) views; "mean": their means over the valid
+    cells, (*B,), accumulated as column sums over the valid rows (no grid is stored); "last": the values at
+    (T1 - 1, T2 - 1) of each pair, (*B,).
     """
-    n_pairs, t1, t2 = kin.shape
+    *lead, t1, t2 = kin.shape
     dt, dev = kin.dtype, kin.device
     keep = mode == "grid"
     rows = t1 if keep else 2  # a ring of two rows when the grid itself is not needed
-    buf_h = torch.zeros((n_pairs, rows, t2 + 1), dtype=dt, device=dev)
+    buf_h = torch.zeros((*lead, rows, t2 + 1), dtype=dt, device=dev)
     buf_t = torch.zeros_like(buf_h) if need_ntk else None
-    zero_row = torch.zeros((n_pairs, t2), dtype=dt, device=dev)
+    zero_row = torch.zeros((*lead, t2), dtype=dt, device=dev)
     if mode == "mean":
-        row_valid = (torch.arange(t1, device=dev)[None, :] < l1[:, None]).to(dt)
+        row_valid = (torch.arange(t1, device=dev) < l1[..., None]).to(dt)
         col_h = torch.zeros_like(zero_row)
         col_t = torch.zeros_like(zero_row) if need_ntk else None
     elif mode == "last":
         last1 = l1 - 1
-        idx2 = (l2 - 1)[:, None]
-        res_h = torch.zeros(n_pairs, dtype=dt, device=dev)
+        idx2 = (l2 - 1)[..., None].expand(*lead, 1)
+        res_h = torch.zeros(lead, dtype=dt, device=dev)
         res_t = torch.zeros_like(res_h) if need_ntk else None
     for t in range(t1):
         r, prev = (t, t - 1) if keep else (t % 2, (t - 1) % 2)
-        hprev = buf_h[:, prev, :t2] if t else zero_row
-        htprev = (buf_t[:, prev, :t2] if t else zero_row) if need_ntk else None
-        h, ht = _step(rnn, terms, hprev, htprev, kin[:, t], None if tin is None else tin[:, t], q1[:, t:t + 1], q2,
-                      need_ntk)
-        buf_h[:, r, 1:] = h
+        hprev = buf_h[..., prev, :t2] if t else zero_row
+        htprev = (buf_t[..., prev, :t2] if t else zero_row) if need_ntk else None
+        h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
+                      q1[..., t:t + 1], q2, need_ntk)
+        buf_h[..., r, 1:] = h
         if need_ntk:
-            buf_t[:, r, 1:] = ht
+            buf_t[..., r, 1:] = ht
         if mode == "mean":
-            col_h.addcmul_(h, row_valid[:, t:t + 1])
+            col_h.addcmul_(h, row_valid[..., t:t + 1])
             if need_ntk:
-                col_t.addcmul_(ht, row_valid[:, t:t + 1])
+                col_t.addcmul_(ht, row_valid[..., t:t + 1])
         elif mode == "last":
             hit = last1 == t
-            res_h = torch.where(hit, h.gather(1, idx2)[:, 0], res_h)
+            res_h = torch.where(hit, h.gather(-1, idx2)[..., 0], res_h)
             if need_ntk:
-                res_t = torch.where(hit, ht.gather(1, idx2)[:, 0], res_t)
+                res_t = torch.where(hit, ht.gather(-1, idx2)[..., 0], res_t)
     if keep:
-        return buf_h[:, :, 1:], (buf_t[:, :, 1:] if need_ntk else None)
+        return buf_h[..., 1:], (buf_t[..., 1:] if need_ntk else None)
     if mode == "last":
         return res_h, res_t
-    col_valid = (torch.arange(t2, device=dev)[None, :] < l2[:, None]).to(dt)
+    col_valid = (torch.arange(t2, device=dev) < l2[..., None]).to(dt)
     count = (l1 * l2).to(dt)
     return ((col_h * col_valid).sum(-1) / count,
             ((col_t * col_valid).sum(-1) / count) if need_ntk else None)
 
 
-def _flip_grid(g: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor) -> torch.Tensor:
-    """Reverse each pair's grid (P, T1, T2) within the pair's lengths (idx from _reverse_index)."""
-    ar = torch.arange(g.shape[0], device=g.device)
-    return g[ar[:, None, None], idx1[:, :, None], idx2[:, None, :]]
+def _flip_grid(g: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor, pairwise: bool) -> torch.Tensor:
+    """Reverse each pair's grid (*B, T1, T2) within the pair's lengths (idx from _reverse_index)."""
+    if pairwise:
+        ar = torch.arange(g.shape[0], device=g.device)
+        return g[ar[:, None, None], idx1[:, :, None], idx2[:, None, :]]
+    a1 = torch.arange(g.shape[0], device=g.device)[:, None, None, None]
+    a2 = torch.arange(g.shape[1], device=g.device)[None, :, None, None]
+    return g[a1, a2, idx1[:, None, :, None], idx2[None, :, None, :]]
 
 
-def _pair_grid(stack, terms, v1, l1, v2, l2, q1, q2, need_ntk, d):
-    """Readout kernels (K, K' Theta) of the top RNN for P pairs of sequences by their time grids.
+def _input_grid(v1, v2, d, pairwise):
+    """x_t . x'_t' / d for a block of pairs: (P, T1, T2) or (b1, b2, T1, T2) (one matrix product)."""
+    v1 = v1 * (1.0 / d)  # on the sequences, not on the grid
+    if pairwise:
+        return torch.bmm(v1, v2.transpose(1, 2))
+    b1, ta, b2, tb = v1.shape[0], v1.shape[1], v2.shape[0], v2.shape[1]
+    kin = v1.transpose(0, 1).reshape(ta * b1, d) @ v2.reshape(b2 * tb, d).T
+    return kin.reshape(ta, b1, b2, tb).movedim(0, -2)  # rows t outermost in memory: contiguous rows
 
-    v1 (P, T1, d), v2 (P, T2, d): the two sequences of each pair, start-aligned and zero-padded; q1[l][dir]
-    (P, T1), q2[l][dir] (P, T2): Var g_t of layer l and direction dir of either side. Lower layers of a
-    stack hand their whole grids up; the top layer keeps only its readout ("mean": column sums).
+
+def _pair_grid(stack, terms, v1, l1, v2, l2, q1, q2, need_ntk, d, pairwise):
+    """Readout kernels (K, K' Theta) of the top RNN for a block of pairs of sequences by their time grids.
+
+    v1 (n1, T1, d), v2 (n2, T2, d): start-aligned, zero-padded sequences of either side (pairwise: n1 = n2 = P,
+    the pairs (v1[p], v2[p]); otherwise all n1 x n2 pairs); q1[l][dir] (n1, T1), q2[l][dir] (n2, T2): Var g_t of
+    layer l and direction dir. Lower layers of a stack hand their whole grids up; the top layer keeps only its
+    readout ("mean": column sums).
     """
-    kin = torch.bmm(v1, v2.transpose(1, 2)).div_(d)
+    kin = _input_grid(v1, v2, d, pairwise)
     kin_rev = None
     if stack[0].bidirectional:  # the input kernel of the reversed sequences, straight from the data
-        kin_rev = torch.bmm(_reverse(v1, l1), _reverse(v2, l2).transpose(1, 2)).div_(d)
+        kin_rev = _input_grid(_reverse(v1, l1), _reverse(v2, l2), d, pairwise)
     tin = tin_rev = None
     r1, r2 = _reverse_index(l1, v1.shape[1]), _reverse_index(l2, v2.shape[1])
+    la, lb = (l1, l2) if pairwise else (l1[:, None], l2[None, :])
+
+    def side(q1_, q2_):
+        return (q1_, q2_) if pairwise else (q1_[:, None], q2_[None, :])
+
     for li, rnn in enumerate(stack):
         top = li == len(stack) - 1
         mode = rnn.readout if top else "grid"
-        outs = [_rows(rnn, terms[li], kin, tin, q1[li][0], q2[li][0], l1, l2, need_ntk, mode)]
+        outs = [_rows(rnn, terms[li], kin, tin, *side(q1[li][0], q2[li][0]), la, lb, need_ntk, mode)]
         if rnn.bidirectional:
             if kin_rev is None:
-                kin_rev = _flip_grid(kin, r1, r2)
-                tin_rev = None if tin is None else _flip_grid(tin, r1, r2)
+                kin_rev = _flip_grid(kin, r1, r2, pairwise)
+                tin_rev = None if tin is None else _flip_grid(tin, r1, r2, pairwise)
             # "last" is (T-1, T'-1) and "mean" is flip-invariant, in either time order
-            outs.append(_rows(rnn, terms[li], kin_rev, tin_rev, q1[li][1], q2[li][1], l1, l2, need_ntk, mode))
+            outs.append(_rows(rnn, terms[li], kin_rev, tin_rev, *side(q1[li][1], q2[li][1]), la, lb, need_ntk, mode))
         del kin, tin, kin_rev, tin_rev
         kin_rev = tin_rev = None
         if top:
             k = sum(o[0] for o in outs) / len(outs)
             return k, (sum(o[1] for o in outs) / len(outs) if need_ntk else None)
-        hs = [outs[0][0]] + [_flip_grid(o[0], r1, r2) for o in outs[1:]]
+        hs = [outs[0][0]] + [_flip_grid(o[0], r1, r2, pairwise) for o in outs[1:]]
         kin = sum(hs) / len(hs) if len(hs) > 1 else hs[0]
         tin = None
         if need_ntk:
-            ts = [outs[0][1]] + [_flip_grid(o[1], r1, r2) for o in outs[1:]]
+            ts = [outs[0][1]] + [_flip_grid(o[1], r1, r2, pairwise) for o in outs[1:]]
             tin = sum(ts) / len(ts) if len(ts) > 1 else ts[0]
         del outs, hs
-
-
-def _pair_order(n1: int, n2: int, same: bool, bucket: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All pairs (i, j) to compute (i <= j when x2 is x1), for length-sorted sides: rows in buckets of
-    ``bucket`` sequences, columns in order within a bucket, so that consecutive pairs have similar lengths
-    on both sides (chunks of them span short time grids)."""
-    ii, jj = [], []
-    for b0 in range(0, n1, bucket):
-        b1 = min(b0 + bucket, n1)
-        j = torch.arange(b0 if same else 0, n2, device=device)
-        i = torch.arange(b0, b1, device=device)
-        gi, gj = torch.meshgrid(i, j, indexing="xy")  # (len j, len i): j outer, i inner
-        keep = gi <= gj if same else torch.ones_like(gi, dtype=torch.bool)
-        ii.append(gi[keep])
-        jj.append(gj[keep])
-    return torch.cat(ii), torch.cat(jj)
 
 
 def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
@@ -654,7 +660,7 @@ def _grid_kernels(stack, terms, s1, s2, q1, q2, ii, jj, need_ntk, d, chunk, show
         ta, tb = int(l1.max()), int(l2.max())
         qa = [[q[i, :ta] for q in dirs] for dirs in q1]
         qb = [[q[j, :tb] for q in dirs] for dirs in q2]
-        k, kt = _pair_grid(stack, terms, s1.values[i, :ta], l1, s2.values[j, :tb], l2, qa, qb, need_ntk, d)
+        k, kt = _pair_grid(stack, terms, s1.values[i, :ta], l1, s2.values[j, :tb], l2, qa, qb, need_ntk, d, True)
         out_h[p0:p0 + chunk] = k
         if need_ntk:
             out_t[p0:p0 + chunk] = kt
@@ -667,9 +673,9 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
 
     Validates the sequences, computes the readout kernels of the RNN stack tile by tile under the memory
     budget, and applies the remaining layers (the Dense readout etc.) through the ordinary kernel state.
-    Unidirectional stacks with readout "last" run one chain per pair along the time diagonal (tiles of
-    sequence pairs); everything else runs the pairs' whole time grids (chunks of pairs with similar lengths,
-    upper triangle only for x2=None).
+    Unidirectional stacks with readout "last" run one chain per pair along the time diagonal; everything
+    else runs the pairs' whole time grids, row by row. Tiles of length-sorted sequences (upper triangle only
+    for x2=None) span only their own longest sequences.
     """
     stack, rest = split_stack(arch.layers)
     ctx = KernelContext(arch.parameterization)
@@ -717,8 +723,7 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     check_memory(out_bytes, budget, f"the {n1}x{n2} kernel{'s' if len(names) > 1 else ''} in {s1.values.dtype}",
                  "compute it in pieces (slices of x1) or use float32")
     # per-sequence state (values, variances per layer and direction) and the pair index lists
-    left = budget - out_bytes - 4 * (n1 + n2) * t_frame * item * (len(stack) + 2) \
-        - (0 if chain or diagonal else 16 * (n1 * n2 if not same else n1 * (n1 + 1) // 2))
+    left = budget - out_bytes - 4 * (n1 + n2) * t_frame * item * (len(stack) + 2)
     if block_size is not None:
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -728,7 +733,7 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
         while block > 1 and block * block * per_pair > left:
             block //= 2
     else:
-        # chunks of ~2^16 grid cells per row operation (cache-sized rows), fewer when the budget says so
+        # tiles of ~2^16 grid cells per row operation (cache-sized rows), smaller when the budget says so
         block = max(1, int(math.isqrt(max(1, (1 << 16) // max(t2, 1)))))
         while block > 1 and block * block * per_pair > left:
             block -= 1
@@ -765,32 +770,29 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
         return out
 
     dev = s1.values.device
-    if not chain:  # grid mode: the needed pairs, in chunks of similar lengths
-        if diagonal:
-            ii = jj = torch.arange(n1, device=dev)
-        else:
-            ii, jj = _pair_order(n1, n2, same, block, dev)
-        show = ii.shape[0] > block * block if progress_flag is None else bool(progress_flag)
-        k, kt = _grid_kernels(stack, terms, s1, s2, q1, q2, ii, jj, need_ntk, d, block * block, show)
-        vals = finish(k, kt, var1[ii], var2[jj])
+    if diagonal and not chain:  # grid mode, pairs (i, i): chunks of pairs of similar lengths
+        ii = torch.arange(n1, device=dev)
+        show = n1 > block * block if progress_flag is None else bool(progress_flag)
+        k, kt = _grid_kernels(stack, terms, s1, s2, q1, q2, ii, ii, need_ntk, d, block * block, show)
+        vals = finish(k, kt, var1, var2)
         outs = {}
         for name in names:
-            if diagonal:
-                out = torch.empty(n1, dtype=k.dtype, device=dev)
-                out[order1] = vals[name]
-            else:
-                out = empty_output((n1, n2), k.dtype, dev)
-                out[order1[ii], order2[jj]] = vals[name]
-                if same:
-                    out[order1[jj], order1[ii]] = vals[name]
-            outs[name] = out
+            outs[name] = torch.empty(n1, dtype=k.dtype, device=dev)
+            outs[name][order1] = vals[name]
         return outs
 
     def block_state(i0, i1, j0, j1, pairwise):
         sl1, sl2 = slice(i0, i1), slice(j0, j1)
-        qa = [[q[sl1] for q in dirs] for dirs in q1]
-        qb = [[q[sl2] for q in dirs] for dirs in q2]
-        k, kt = _stack_chain(stack, terms, v1[sl1], v2[sl2], mk1[sl1], mk2[sl2], qa, qb, pairwise, need_ntk, d)
+        if chain:
+            qa = [[q[sl1] for q in dirs] for dirs in q1]
+            qb = [[q[sl2] for q in dirs] for dirs in q2]
+            k, kt = _stack_chain(stack, terms, v1[sl1], v2[sl2], mk1[sl1], mk2[sl2], qa, qb, pairwise, need_ntk, d)
+        else:  # the time grid of a tile spans only its own longest sequences (tiles hold similar lengths)
+            ta, tb = int(s1.lengths[sl1].max()), int(s2.lengths[sl2].max())
+            qa = [[q[sl1, :ta] for q in dirs] for dirs in q1]
+            qb = [[q[sl2, :tb] for q in dirs] for dirs in q2]
+            k, kt = _pair_grid(stack, terms, s1.values[sl1, :ta], s1.lengths[sl1], s2.values[sl2, :tb],
+                               s2.lengths[sl2], qa, qb, need_ntk, d, pairwise)
         va, vb = (var1[sl1], var2[sl2]) if pairwise else (var1[sl1, None], var2[None, sl2])
         return finish(k, kt, va, vb)
 
