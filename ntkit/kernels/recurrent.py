@@ -50,6 +50,8 @@ from .layers import BuildContext, KernelContext, Layer, Serial, _orthogonal, _sc
 __all__ = ["RNN", "RNNModule", "Sequences", "as_sequences", "is_sequence_architecture", "sequence_kernel"]
 
 READOUTS = ("last", "mean", "sequence")
+# grid mode: pairs x time steps per row operation (rows of tiles small enough to stay in cache)
+_ROW_CELLS = 1 << 14
 
 
 class Sequences(NamedTuple):
@@ -469,7 +471,7 @@ def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
     dt, dev = kin.dtype, kin.device
     keep = mode == "grid"
     rows = t1 if keep else 2  # a ring of two rows when the grid itself is not needed
-    buf_h = torch.zeros((*lead, rows, t2 + 1), dtype=dt, device=dev)
+    buf_h = torch.zeros((rows, *lead, t2 + 1), dtype=dt, device=dev)  # each row one (nearly) contiguous block
     buf_t = torch.zeros_like(buf_h) if need_ntk else None
     zero_row = torch.zeros((*lead, t2), dtype=dt, device=dev)
     if mode == "mean":
@@ -483,13 +485,13 @@ def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
         res_t = torch.zeros_like(res_h) if need_ntk else None
     for t in range(t1):
         r, prev = (t, t - 1) if keep else (t % 2, (t - 1) % 2)
-        hprev = buf_h[..., prev, :t2] if t else zero_row
-        htprev = (buf_t[..., prev, :t2] if t else zero_row) if need_ntk else None
+        hprev = buf_h[prev, ..., :t2] if t else zero_row
+        htprev = (buf_t[prev, ..., :t2] if t else zero_row) if need_ntk else None
         h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
                       q1[..., t:t + 1], q2, need_ntk)
-        buf_h[..., r, 1:] = h
+        buf_h[r, ..., 1:] = h
         if need_ntk:
-            buf_t[..., r, 1:] = ht
+            buf_t[r, ..., 1:] = ht
         if mode == "mean":
             col_h.addcmul_(h, row_valid[..., t:t + 1])
             if need_ntk:
@@ -500,7 +502,7 @@ def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
             if need_ntk:
                 res_t = torch.where(hit, ht.gather(-1, idx2)[..., 0], res_t)
     if keep:
-        return buf_h[..., 1:], (buf_t[..., 1:] if need_ntk else None)
+        return buf_h[..., 1:].movedim(0, -2), (buf_t[..., 1:].movedim(0, -2) if need_ntk else None)
     if mode == "last":
         return res_h, res_t
     col_valid = (torch.arange(t2, device=dev) < l2[..., None]).to(dt)
@@ -734,7 +736,7 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
             block //= 2
     else:
         # tiles of ~2^16 grid cells per row operation (cache-sized rows), smaller when the budget says so
-        block = max(1, int(math.isqrt(max(1, (1 << 16) // max(t2, 1)))))
+        block = max(1, int(math.isqrt(max(1, _ROW_CELLS // max(t2, 1)))))
         while block > 1 and block * block * per_pair > left:
             block -= 1
     check_memory(out_bytes + block * block * per_pair, budget,
