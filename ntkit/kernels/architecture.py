@@ -299,7 +299,9 @@ class Architecture:
             The initialization of the finite twin (:meth:`init`) whose limit is computed. Gaussian and
             Haar-orthogonal dense layers have the same limit (Huang et al. 2021); delta-orthogonal
             convolutions (Xiao et al. 2018) do not -- their forward map at initialization is the centre tap
-            alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers.
+            alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers: it
+            is the limit of a Gaussian conv whose weight variance sits on the centre tap (Xiao et al.'s
+            variance profile v = delta), the limit of recurrent and dense layers is unchanged.
 
         Returns
         -------
