@@ -34,7 +34,7 @@ terms become n K(t-1, t'-1) + d_in S_in(t, t') + 1[bias] (the finite widths ente
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -51,7 +51,7 @@ __all__ = ["RNN", "RNNModule", "Sequences", "as_sequences", "is_sequence_archite
 
 READOUTS = ("last", "mean", "sequence")
 # grid mode: pairs x time steps per row operation (rows of tiles small enough to stay in cache)
-_ROW_CELLS = 1 << 14
+_ROW_CELLS = 1 << 15
 
 
 class Sequences(NamedTuple):
@@ -641,7 +641,7 @@ def _readout_variance(stack, terms, seqs, chain_vals, qs, hv_top, d, chunk):
     lengths = seqs.lengths
     if top.readout == "last":
         if chain_vals is not None:  # end-aligned: the last step is the last column
-            return hv_top[0][:, -1]
+            return hv_top[0][:, -1].clone()
         outs = []
         for hv in hv_top:  # the backward direction's last step is at T_i - 1 of its own order
             outs.append(hv.gather(1, (lengths - 1)[:, None])[:, 0])
@@ -704,7 +704,10 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     terms = [_direct_terms(r, ctx, w) for r, w in zip(stack, widths)]
     same = s2 is None
     s2 = s1 if same else s2
-    chain = stack[-1].readout == "last" and not any(r.bidirectional for r in stack)
+    # "last" of a unidirectional stack, or of one bidirectional layer (whose backward RNN's last state is the
+    # last state of a unidirectional RNN on the reversed sequences): chains along time diagonals
+    chain = stack[-1].readout == "last" and (len(stack) == 1 or not any(r.bidirectional for r in stack))
+    chain_stack = [replace(r, bidirectional=False) for r in stack] if chain else stack
     t_frame = max(s1.values.shape[1], s2.values.shape[1])
     item = s1.values.element_size()
     n1, n2 = s1.values.shape[0], s2.values.shape[0]
@@ -744,13 +747,24 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
                  "pass a smaller block_size, a larger memory_budget, or shorter sequences")
 
     # per-sequence variances (and, in chain mode, end-aligned values) of both sides
-    v1, mk1, q1, hv1 = _side_variances(stack, s1, chain, t_frame)
-    if same:
-        v2, mk2, q2, hv2 = v1, mk1, q1, hv1
+    if chain:  # one set per direction: (end-aligned values, masks, Var g_t, Var of the readout)
+        def sides(s):
+            out = []
+            for rev in ([False, True] if stack[0].bidirectional else [False]):
+                seq = Sequences(_reverse(s.values, s.lengths), s.lengths) if rev else s
+                v, mk, q, hv = _side_variances(chain_stack, seq, True, t_frame)
+                out.append((v, mk, q, _readout_variance(chain_stack, terms, seq, v, q, hv, d, 1)))
+            return out
+
+        dirs1 = sides(s1)
+        dirs2 = dirs1 if same else sides(s2)
+        var1 = sum(dd[3] for dd in dirs1) / len(dirs1)
+        var2 = sum(dd[3] for dd in dirs2) / len(dirs2)
     else:
-        v2, mk2, q2, hv2 = _side_variances(stack, s2, chain, t_frame)
-    var1 = _readout_variance(stack, terms, s1, v1 if chain else None, q1, hv1, d, block * block)
-    var2 = var1 if same else _readout_variance(stack, terms, s2, v2 if chain else None, q2, hv2, d, block * block)
+        _, _, q1, hv1 = _side_variances(stack, s1, False, t_frame)
+        q2, hv2 = (q1, hv1) if same else _side_variances(stack, s2, False, t_frame)[2:]
+        var1 = _readout_variance(stack, terms, s1, None, q1, hv1, d, block * block)
+        var2 = var1 if same else _readout_variance(stack, terms, s2, None, q2, hv2, d, block * block)
     width = stack[-1].features
     rest_body = Serial(rest)
 
@@ -785,10 +799,15 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
 
     def block_state(i0, i1, j0, j1, pairwise):
         sl1, sl2 = slice(i0, i1), slice(j0, j1)
-        if chain:
-            qa = [[q[sl1] for q in dirs] for dirs in q1]
-            qb = [[q[sl2] for q in dirs] for dirs in q2]
-            k, kt = _stack_chain(stack, terms, v1[sl1], v2[sl2], mk1[sl1], mk2[sl2], qa, qb, pairwise, need_ntk, d)
+        if chain:  # the directions' per-unit kernels average (features concatenated)
+            k = kt = 0.0
+            for (va_, ma_, qa_, _), (vb_, mb_, qb_, _) in zip(dirs1, dirs2):
+                qa = [[q[sl1] for q in dirs] for dirs in qa_]
+                qb = [[q[sl2] for q in dirs] for dirs in qb_]
+                kd, ktd = _stack_chain(chain_stack, terms, va_[sl1], vb_[sl2], ma_[sl1], mb_[sl2], qa, qb, pairwise,
+                                       need_ntk, d)
+                k = k + kd / len(dirs1)
+                kt = (kt + ktd / len(dirs1)) if need_ntk else None
         else:  # the time grid of a tile spans only its own longest sequences (tiles hold similar lengths)
             ta, tb = int(s1.lengths[sl1].max()), int(s2.lengths[sl2].max())
             qa = [[q[sl1, :ta] for q in dirs] for dirs in q1]
