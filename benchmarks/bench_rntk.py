@@ -26,13 +26,18 @@ Times are wall seconds of kernel computation + model selection + fit + predictio
 
 Usage (from the repository root):
     python benchmarks/bench_rntk.py [--datasets JapaneseVowels PickupGestureWiimoteZ ...] [--out benchmarks/out/rntk]
+    python benchmarks/bench_rntk.py --datasets --baseline /path/to/older/checkout --bidirectional   # timing vs an older version
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,33 +52,68 @@ VARIABLE = ("JapaneseVowels", "PickupGestureWiimoteZ")
 FIXED = ("ItalyPowerDemand", "GunPoint", "ArrowHead", "BasicMotions", "OSULeaf")
 
 
-def rnn_arch(W_std, readout, act=None):
+def rnn_arch(W_std, readout, act=None, bidirectional=False):
     return ntkit.serial(ntkit.RNN(W_std=W_std, U_std=1.0, b_std=0.1, activation=act or ntkit.Relu(),
-                                  readout=readout),
+                                  readout=readout, bidirectional=bidirectional),
                         ntkit.Dense(1, W_std=1.0, b_std=0.0))
 
 
 # -------------------------------------------------------------------------------------------------
-def bench_timing(n=200, lengths=(50, 100), d=3, repeats=3, seed=0):
+N_TIMING = 200
+
+
+def timing_sequences(n=None, lengths=(50, 100), d=3, seed=0):
+    n = N_TIMING if n is None else n
     rng = np.random.default_rng(seed)
-    seqs = [rng.standard_normal((int(t), d)) for t in rng.integers(lengths[0], lengths[1] + 1, size=n)]
-    rows = []
-    for readout in ("last", "mean"):
-        arch = rnn_arch(2 ** 0.5, readout)
-        for dtype in (torch.float64, torch.float32):
-            arch.kernel(seqs[:20], dtype=dtype, memory_budget=BUDGET)  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                k = arch.kernel(seqs, dtype=dtype, memory_budget=BUDGET)
-                times.append(time.perf_counter() - t0)
-            if dtype == torch.float64:
-                ref = k.ntk
-            err = float((k.ntk.double() - ref).abs().max() / ref.abs().max())
-            med = statistics.median(times)
-            rows.append(dict(readout=readout, dtype=str(dtype).replace("torch.", ""), seconds=med, times=times,
-                             per_entry_us=med / (n * (n + 1) / 2) * 1e6, rel_err_vs_f64=err))
-            print(json.dumps(rows[-1]), flush=True)
+    return [rng.standard_normal((int(t), d)) for t in rng.integers(lengths[0], lengths[1] + 1, size=n)]
+
+
+def time_kernel(readout, dtype, repeats, bidirectional=False):
+    """(wall seconds of each call, the NTK) of the 200 x 200 NNGP + NTK, after a warm-up on 20 sequences."""
+    seqs = timing_sequences()
+    arch = rnn_arch(2 ** 0.5, readout, bidirectional=bidirectional)
+    arch.kernel(seqs[:20], dtype=dtype, memory_budget=BUDGET)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        k = arch.kernel(seqs, dtype=dtype, memory_budget=BUDGET)
+        times.append(time.perf_counter() - t0)
+    return times, k.ntk.double().numpy()
+
+
+def bench_timing(repeats=3, baseline=None, configs=None):
+    """Timing table; with ``baseline`` (a directory holding another version of the ntkit package) each
+    configuration is also timed with that version, in a subprocess, right before the current one."""
+    n = len(timing_sequences())
+    rows, refs = [], {}
+    configs = configs or [(r, dt, False) for r in ("last", "mean") for dt in ("float64", "float32")]
+    for readout, dtype, bidir in configs:
+        row = dict(readout=readout + (" bidirectional" if bidir else ""), dtype=dtype)
+        if baseline is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "k.npz"
+                env = {**os.environ, "PYTHONPATH": str(Path(baseline).resolve())}
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), "--timing-worker", readout, dtype, str(int(bidir)), str(out),
+                                "--repeats", str(repeats), "--threads", str(torch.get_num_threads()),
+                                "--timing-n", str(n)],
+                               check=True, env=env, cwd=tempfile.gettempdir())
+                z = np.load(out)
+                base_times, base_k = list(z["times"]), z["k"]
+            row["baseline_seconds"] = statistics.median(base_times)
+            row["baseline_times"] = base_times
+        times, k = time_kernel(readout, getattr(torch, dtype), repeats, bidir)
+        med = statistics.median(times)
+        key = (readout, bidir)
+        if dtype == "float64":
+            refs[key] = k
+        row.update(seconds=med, times=times, per_entry_us=med / (n * (n + 1) / 2) * 1e6)
+        if key in refs:
+            row["rel_err_vs_f64"] = float(np.abs(k - refs[key]).max() / np.abs(refs[key]).max())
+        if baseline is not None:
+            row["speedup"] = row["baseline_seconds"] / med
+            row["rel_diff_vs_baseline"] = float(np.abs(k - base_k).max() / np.abs(base_k).max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -201,22 +241,43 @@ def main():
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--max-mean-pairs", type=float, default=5e8)
     ap.add_argument("--out", default="benchmarks/out/rntk")
+    ap.add_argument("--baseline", default=None,
+                    help="directory holding another version of the ntkit package (e.g. a git worktree of an "
+                         "older commit): the timing table runs it side by side, configuration by configuration")
+    ap.add_argument("--bidirectional", action="store_true", help="also time bidirectional RNNs (both readouts)")
+    ap.add_argument("--timing-n", type=int, default=200, help="sequences in the timing kernel (default 200)")
+    ap.add_argument("--timing-worker", nargs=4, metavar=("READOUT", "DTYPE", "BIDIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global N_TIMING
+    N_TIMING = args.timing_n
+    if args.timing_worker:
+        readout, dtype, bidir, out = args.timing_worker
+        times, k = time_kernel(readout, getattr(torch, dtype), args.repeats, bool(int(bidir)))
+        np.savez(out, times=np.array(times), k=k)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"torch_threads": torch.get_num_threads()}
     if not args.skip_timing:
-        results["timing"] = bench_timing(repeats=args.repeats)
+        configs = [(r, dt, False) for r in ("last", "mean") for dt in ("float64", "float32")]
+        if args.bidirectional:
+            configs += [(r, "float64", True) for r in ("last", "mean")]
+        results["timing"] = bench_timing(repeats=args.repeats, baseline=args.baseline, configs=configs)
     results["classification"] = [run_dataset(name, args.max_mean_pairs) for name in args.datasets]
     (out / "bench.json").write_text(json.dumps(results, indent=1))
 
     if "timing" in results:
-        print("\n| readout | dtype | 200x200 NNGP+NTK (s) | per entry (us) | max rel. diff vs float64 |")
-        print("| --- | --- | --- | --- | --- |")
+        base = args.baseline is not None
+        nt = N_TIMING
+        print("\n| readout | dtype | " + ("baseline (s) | " if base else "") + f"{nt}x{nt} NNGP+NTK (s) | " +
+              ("speed-up | max rel. diff vs baseline | " if base else "") + "per entry (us) | max rel. diff vs float64 |")
+        print("| --- " * (8 if base else 5) + "|")
         for r in results["timing"]:
-            print(f"| {r['readout']} | {r['dtype']} | {r['seconds']:.2f} | {r['per_entry_us']:.1f} | "
-                  f"{r['rel_err_vs_f64']:.1e} |")
+            cells = [r["readout"], r["dtype"]] + ([f"{r['baseline_seconds']:.2f}"] if base else []) + \
+                [f"{r['seconds']:.2f}"] + ([f"{r['speedup']:.1f}x", f"{r['rel_diff_vs_baseline']:.1e}"] if base else []) + \
+                [f"{r['per_entry_us']:.1f}", f"{r.get('rel_err_vs_f64', 0.0):.1e}" if r["dtype"] != "float64" else "-"]
+            print("| " + " | ".join(cells) + " |")
     print("\n| data set | n train/test | channels | lengths | RNTK-SVM | NTK resampled | NTK padded | DTW-1NN |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["classification"]:

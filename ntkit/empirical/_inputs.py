@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .._validation import check_finite_rows
+from ..kernels.recurrent import Sequences, as_sequences
 
-__all__ = ["Inputs", "prepare_inputs", "check_pair_inputs"]
+__all__ = ["Inputs", "prepare_inputs", "check_pair_inputs", "sequence_pair"]
 
 
 class _Leaf:
@@ -45,7 +46,9 @@ def _flatten(obj, dims, path: str, leaves: list, leaf_dims: list, name: str):
             raise ValueError(f"batch_dim{path} must be an int, None or a sequence like {name}{path}")
         items = [_flatten(v, dims[i] if isinstance(dims, (tuple, list)) else dims, f"{path}[{i}]", leaves,
                           leaf_dims, name) for i, v in enumerate(obj)]
-        return tuple(items) if isinstance(obj, tuple) else items
+        if isinstance(obj, tuple):
+            return type(obj)(*items) if hasattr(type(obj), "_fields") else tuple(items)  # namedtuples stay
+        return items
     if isinstance(obj, np.ndarray):
         obj = torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, torch.Tensor) and dims is not None:
@@ -69,7 +72,8 @@ def _rebuild(skel, leaves):
     if isinstance(skel, dict):
         return {k: _rebuild(v, leaves) for k, v in skel.items()}
     if isinstance(skel, tuple):
-        return tuple(_rebuild(v, leaves) for v in skel)
+        items = [_rebuild(v, leaves) for v in skel]
+        return type(skel)(*items) if hasattr(type(skel), "_fields") else tuple(items)
     if isinstance(skel, list):
         return [_rebuild(v, leaves) for v in skel]
     return skel
@@ -160,7 +164,9 @@ def prepare_inputs(x: Any, name: str, *, dtype: torch.dtype, device, batch_dim: 
     integer and boolean leaves (token ids, attention masks) keep their dtype. Every batched leaf must have
     the same batch length, and there must be at least one.
     """
-    if isinstance(x, tuple):
+    if isinstance(x, Sequences):  # variable-length sequences: one argument (values, lengths)
+        kind = "tensor"
+    elif isinstance(x, tuple):
         kind = "args"
     elif isinstance(x, dict):
         kind = "kwargs"
@@ -205,6 +211,40 @@ def prepare_inputs(x: Any, name: str, *, dtype: torch.dtype, device, batch_dim: 
                          " along their batch axes; they must all hold the same samples (set batch_dim per leaf, "
                          "None for a leaf that is not batched)")
     return Inputs(tuple(out), skel, tuple(leaf_dims), kind)
+
+
+def _is_sequence_list(x: Any) -> bool:
+    """A list of (T_i, d) (or 1-D) arrays/tensors of different lengths: a batch of variable-length sequences."""
+    if not isinstance(x, list) or not x:
+        return False
+    if not all(isinstance(s, (torch.Tensor, np.ndarray)) and s.ndim in (1, 2) for s in x):
+        return False
+    return len({tuple(s.shape) for s in x}) > 1
+
+
+def sequence_pair(x1: Any, x2: Any, *, dtype: torch.dtype, device) -> tuple[Any, Any]:
+    """Batches of variable-length sequences -- a list of (T_i, d) arrays of different lengths, or
+    :class:`~ntkit.Sequences` -- validated (errors name the sequence and time step) and zero-padded at the
+    end to one common length, as :class:`~ntkit.Sequences` (values, lengths), the input of the finite twin
+    of a recurrent architecture. Anything else is returned unchanged (an (n, T, d) tensor or a list of
+    equal-length sequences is an ordinary batch)."""
+    seq1 = isinstance(x1, Sequences) or _is_sequence_list(x1)
+    seq2 = x2 is not None and (isinstance(x2, Sequences) or _is_sequence_list(x2))
+    if not (seq1 or seq2):
+        return x1, x2
+    s1 = as_sequences(x1, "x1", dtype=dtype, device=device)
+    s2 = None if x2 is None else as_sequences(x2, "x2", dtype=dtype, device=device)
+    if s2 is not None and s2.values.shape[-1] != s1.values.shape[-1]:
+        raise ValueError(f"x2 sequences have {s2.values.shape[-1]} features per time step, x1 sequences have "
+                         f"{s1.values.shape[-1]}; they must match")
+    t = max(s1.values.shape[1], 0 if s2 is None else s2.values.shape[1])
+
+    def pad(s):
+        if s is None or s.values.shape[1] == t:
+            return s
+        return Sequences(torch.nn.functional.pad(s.values, (0, 0, 0, t - s.values.shape[1])), s.lengths)
+
+    return pad(s1), pad(s2)
 
 
 def check_pair_inputs(a: Inputs, b: Inputs) -> None:

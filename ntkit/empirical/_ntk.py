@@ -60,7 +60,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
-from ._inputs import Inputs, check_pair_inputs, prepare_inputs
+from ._inputs import Inputs, check_pair_inputs, prepare_inputs, sequence_pair
 from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
                      pair_term)
 
@@ -543,7 +543,9 @@ def empirical_ntk(
         Integer and boolean tensors (token ids, masks) are fine: the kernel is a derivative with respect
         to the parameters. Every tensor leaf holds the batch along ``batch_dim``; x2 must have x1's
         structure and per-sample shapes. Floating leaves are cast to the parameters' dtype and checked for
-        NaN/Inf rows.
+        NaN/Inf rows. Variable-length sequences (the finite twin of a recurrent architecture): a list of
+        (T_i, d) arrays of different lengths or :class:`~ntkit.Sequences`, zero-padded to one length
+        (errors name the empty / non-finite sequence and time step).
     output : {"trace", "full", "diagonal"}
         (n1, n2) mean over output units of Theta_aa; (n1, n2, k, k); or (n1, n2, k).
     implementation : {"auto", "jacobian", "ntk_vector", "structured"}
@@ -589,6 +591,7 @@ def empirical_ntk(
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
     device = first.device if first is not None else None
+    x1, x2 = sequence_pair(x1, x2, dtype=dtype, device=device)
     t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
     t2 = None if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
     if t2 is not None:
@@ -806,6 +809,7 @@ def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: M
     first = next(iter(model.parameters()), None)
     dtype = first.dtype if first is not None else torch.get_default_dtype()
     device = first.device if first is not None else None
+    x1, x2 = sequence_pair(x1, x2, dtype=dtype, device=device)
     t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
     t2 = t1 if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
     if x2 is not None:

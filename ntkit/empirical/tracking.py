@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from .._validation import as_float_tensor
+from ..kernels.recurrent import as_sequences, is_sequence_architecture
+from ._inputs import sequence_pair
 from ._ntk import empirical_nngp, empirical_ntk
 
 __all__ = ["KernelTracker", "monte_carlo_kernel", "MonteCarloKernel"]
@@ -93,7 +95,9 @@ def monte_carlo_kernel(architecture, x1: Any, x2: Any = None, *, width: int | Se
 
     The NNGP sample of one network is f(x1) f(x2)^T averaged over its ``out_dim`` readout units; the NTK
     sample is the trace-mean empirical NTK. ``stderr`` = sample std / sqrt(number of seeds) per entry
-    (CLT), so |mean - exact| / stderr is approximately standard normal when width is large.
+    (CLT), so |mean - exact| / stderr is approximately standard normal when width is large. Inputs as for
+    ``architecture.kernel``: flat rows, images, or -- for a recurrent architecture -- lists of (T_i, d)
+    sequences of different lengths (or an (n, T, d) tensor).
 
     Returns a :class:`MonteCarloKernel` (mean, stderr, samples) for a single ``get`` name, or a
     dict name -> MonteCarloKernel for a tuple.
@@ -105,13 +109,17 @@ def monte_carlo_kernel(architecture, x1: Any, x2: Any = None, *, width: int | Se
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise ValueError("monte_carlo_kernel needs at least 2 seeds to estimate a standard error")
-    x1t = as_float_tensor(x1, "x1", dtype=dtype, min_ndim=1)
-    x2t = None if x2 is None else as_float_tensor(x2, "x2", dtype=dtype, min_ndim=1)
-    d = int(math.prod(x1t.shape[1:]))
+    if is_sequence_architecture(architecture.layers):  # (T_i, d) sequences of any lengths, or (n, T, d)
+        x1t, x2t = sequence_pair(as_sequences(x1, "x1", dtype=dtype), None if x2 is None else
+                                 as_sequences(x2, "x2", dtype=dtype), dtype=dtype, device=None)
+        in_features = int(x1t.values.shape[-1])
+    else:
+        x1t = as_float_tensor(x1, "x1", dtype=dtype, min_ndim=1)
+        x2t = None if x2 is None else as_float_tensor(x2, "x2", dtype=dtype, min_ndim=1)
+        in_features = tuple(x1t.shape[1:]) if x1t.ndim > 2 else int(math.prod(x1t.shape[1:]))
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for s in seed_list:
-        net = architecture.init(width, seed=s, init=init, out_dim=out_dim, dtype=dtype,
-                                in_features=tuple(x1t.shape[1:]) if x1t.ndim > 2 else d)
+        net = architecture.init(width, seed=s, init=init, out_dim=out_dim, dtype=dtype, in_features=in_features)
         if "nngp" in names:
             samples["nngp"].append(empirical_nngp(net, x1t, x2t))
         if "ntk" in names:

@@ -91,6 +91,10 @@ class FiniteNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if recurrent.is_sequence_architecture(self.architecture.layers):  # sequences of different lengths
             first = next(self.parameters())
+            if isinstance(x, recurrent.Sequences) and x.values.ndim == 3 and x.lengths.ndim == 1:
+                # already padded (and validated by as_sequences): passed on as it is, so that batched
+                # transforms (torch.func.vmap over samples) can run the network
+                return self.body(recurrent.Sequences(x.values.to(first.dtype), x.lengths))
             return self.body(recurrent.as_sequences(x, "x", dtype=first.dtype, device=first.device))
         if isinstance(self.in_features, tuple):
             return self.body(self._images(x))
@@ -295,7 +299,9 @@ class Architecture:
             The initialization of the finite twin (:meth:`init`) whose limit is computed. Gaussian and
             Haar-orthogonal dense layers have the same limit (Huang et al. 2021); delta-orthogonal
             convolutions (Xiao et al. 2018) do not -- their forward map at initialization is the centre tap
-            alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers.
+            alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers: it
+            is the limit of a Gaussian conv whose weight variance sits on the centre tap (Xiao et al.'s
+            variance profile v = delta), the limit of recurrent and dense layers is unchanged.
 
         Returns
         -------
@@ -313,7 +319,8 @@ class Architecture:
         if recurrent.is_sequence_architecture(self.layers):  # x1, x2: lists of (T_i, d) sequences
             with torch.no_grad():
                 result = recurrent.sequence_kernel(self, x1, x2, names, diagonal=diagonal, dtype=dt, device=device,
-                                                   memory_budget=memory_budget, block_size=block_size)
+                                                   memory_budget=memory_budget, block_size=block_size,
+                                                   progress_flag=progress)
             return result[names[0]] if single else _kernels_tuple(names)(**result)
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (x1, x2)):
             raise NotImplementedError(
@@ -637,6 +644,11 @@ class _ArchitectureKernel(KernelFunction):
     def __init__(self, arch: Architecture, name: str):
         self.arch = arch
         self.name = name
+
+    def __call__(self, x1, x2=None, *, diagonal=False, dtype=None, device=None):
+        if recurrent.is_sequence_architecture(self.arch.layers):  # lists of (T_i, d) sequences: arch.kernel
+            return self.arch.kernel(x1, x2, self.name, diagonal=diagonal, dtype=dtype, device=device)
+        return super().__call__(x1, x2, diagonal=diagonal, dtype=dtype, device=device)
 
     def _matrix(self, x1, x2, same):
         return self.arch.kernel(x1, None if same else x2, self.name, dtype=x1.dtype)

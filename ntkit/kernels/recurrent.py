@@ -34,13 +34,14 @@ terms become n K(t-1, t'-1) + d_in S_in(t, t') + 1[bias] (the finite widths ente
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._progress import progress
 from .._validation import ConfigError, check_memory, check_nonnegative, empty_output, available_memory_bytes
 from ._state import KernelState
 from .activations import Activation, Erf
@@ -49,6 +50,8 @@ from .layers import BuildContext, KernelContext, Layer, Serial, _orthogonal, _sc
 __all__ = ["RNN", "RNNModule", "Sequences", "as_sequences", "is_sequence_architecture", "sequence_kernel"]
 
 READOUTS = ("last", "mean", "sequence")
+# grid mode: pairs x time steps per row operation (rows of tiles small enough to stay in cache)
+_ROW_CELLS = 1 << 15
 
 
 class Sequences(NamedTuple):
@@ -379,12 +382,14 @@ def with_width(arch, width, out_dim):
     return cls(new, arch.parameterization, arch.input_dim)
 
 
-def _self_chain(rnn: RNN, kin: torch.Tensor, mask: torch.Tensor):
+def _self_chain(rnn: RNN, kin: torch.Tensor, mask: torch.Tensor | None):
     """Per-sequence variances along time: q(t) = Var g_t and E[h_t^2], both (n, T).
 
     ``kin`` (n, T) is the input kernel of each step with itself; ``mask`` (n, T) marks the valid steps
     (the state is zero before a sequence starts). Invalid steps get E[h^2] = 0 and the q of the nearest
-    valid step (a value in the activation's range; those steps are never read).
+    valid step (a value in the activation's range; those steps are never read). ``mask=None``
+    (start-aligned sequences, grid mode): the chain runs on past each end with the zero padding as input,
+    the variances of the zero-extended sequence, which the time grids' cells past the ends use.
     """
     w2, u2 = rnn.W_std ** 2, rnn.U_std ** 2
     b2 = 0.0 if rnn.b_std is None else rnn.b_std ** 2
@@ -392,10 +397,14 @@ def _self_chain(rnn: RNN, kin: torch.Tensor, mask: torch.Tensor):
     qs, hvs = [], []
     for t in range(kin.shape[1]):
         q = w2 * hv + u2 * kin[:, t] + b2
-        hv = torch.where(mask[:, t], rnn.activation.variance(q), torch.zeros_like(q))
+        hv = rnn.activation.variance(q)
+        if mask is not None:
+            hv = torch.where(mask[:, t], hv, torch.zeros_like(q))
         qs.append(q)
         hvs.append(hv)
     q = torch.stack(qs, 1)
+    if mask is None:
+        return q, torch.stack(hvs, 1)
     first = mask.to(torch.int8).argmax(1)  # the valid steps are contiguous: [first, last]
     last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
     t = torch.arange(mask.shape[1], device=mask.device)[None, :]
@@ -427,10 +436,9 @@ def _step(rnn, terms, hprev, htprev, kin, tin, var1, var2, need_ntk):
         return h, None
     a_h, a_in, a_b = terms
     if a_h != w2 or a_in != u2 or a_b != b2:  # standard parameterization: the finite widths enter
-        theta = torch.mul(kin, a_in).add_(hprev, alpha=a_h).add_(a_b)
+        theta = torch.mul(kin, a_in).add_(hprev, alpha=a_h).add_(a_b).add_(htprev, alpha=w2)
     else:
-        theta = sigma.clone()
-    theta.add_(htprev, alpha=w2)
+        theta = torch.add(sigma, htprev, alpha=w2)
     if tin is not None:
         theta.add_(tin, alpha=u2)
     return h, theta.mul_(dot)
@@ -444,45 +452,143 @@ def _pair(v1: torch.Tensor, v2: torch.Tensor, pairwise: bool):
     return v1[:, None], v2[None, :]
 
 
-def _grid(rnn, terms, kin, tin, q1, q2, m1, m2, pairwise, need_ntk):
-    """Output kernels (K, K' Theta) of h over the whole (T1, T2) grid of time pairs, one row t at a time.
+def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
+    """One direction of one RNN over the (T1, T2) time grids of a block of pairs, one row t at a time.
 
-    kin, tin: (*P, T1, T2) input kernels (tin None for raw input); q1 (n1, T1), q2 (n2, T2): Var g_t;
-    m1, m2: masks of the valid steps. Sequences are aligned at their starts; pairs of steps past either
-    sequence's end are set to 0 (they are never read: (t, t') only depends on earlier steps).
+    kin, tin: (*B, T1, T2) input kernels of the pairs (tin None for raw input), sequences start-aligned;
+    q1 (*B1, T1), q2 (*B2, T2): Var g_t of either side, l1 (*B1), l2 (*B2) their lengths, with B1 and B2
+    broadcasting to the block B: (b1, 1) and (1, b2) for a tile of b1 x b2 pairs, (P,) and (P,) for a list
+    of P pairs. Each row is one contiguous block of all pairs x (T2 + 1) columns -- column 0 is h_0 = 0 --,
+    so that step (t, t'), which reads (t - 1, t' - 1), reads the previous row shifted by one element: a
+    view of a flat buffer, and every elementwise operation runs over one long contiguous array. Cells past
+    either sequence's end hold the kernel of the zero-extended sequences (finite, consistent with q past the
+    end); valid cells never read them.
+
+    mode "grid": return the grids (K, K' Theta), (*B, T1, T2) views; "mean": their means over the valid
+    cells, (*B,), accumulated as column sums over the valid rows (no grid is stored); "last": the values at
+    (T1 - 1, T2 - 1) of each pair, (*B,).
     """
-    p1, p2 = _pair(q1, q2, pairwise)  # (*P', T1) and (*P', T2)
-    v1, v2 = _pair(m1, m2, pairwise)
-    t1 = kin.shape[-2]
-    shape = (t1, *kin.shape[:-2], kin.shape[-1])  # rows t outermost: each row is one contiguous block
-    out_h = torch.empty(shape, dtype=kin.dtype, device=kin.device)
-    out_ht = torch.empty(shape, dtype=kin.dtype, device=kin.device) if need_ntk else None
-    zero = torch.zeros((), dtype=kin.dtype, device=kin.device)
-    # step (t+1, t'+1) reads (t, t'): the previous row shifted one step along t' (h_0 = 0 at t' = 0)
-    hprev = torch.zeros_like(kin[..., 0, :])
-    htprev = torch.zeros_like(hprev) if need_ntk else None
+    *lead, t1, t2 = kin.shape
+    w = t2 + 1
+    dt, dev = kin.dtype, kin.device
+    n = math.prod(lead) * w
+
+    def extended(g):  # (*B, T1, T2) -> (T1, *B, T2 + 1), column 0 = 0
+        out = torch.zeros((t1, *lead, w), dtype=dt, device=dev)
+        out[..., 1:] = g.movedim(-2, 0)
+        return out
+
+    kin_x = extended(kin)
+    tin_x = None if tin is None else extended(tin)
+    q2_x = torch.ones((*q2.shape[:-1], w), dtype=dt, device=dev)  # column 0: any positive variance
+    q2_x[..., 1:] = q2
+    keep = mode == "grid"
+    rows = t1 if keep else 2  # a ring of two rows when the grid itself is not needed
+    buf_h = torch.zeros((rows, n + 1), dtype=dt, device=dev)  # row r: [0, h(row r) flattened]
+    buf_t = torch.zeros_like(buf_h) if need_ntk else None
+    if mode == "mean":
+        row_valid = (torch.arange(t1, device=dev) < l1[..., None]).to(dt)
+        col_h = torch.zeros((*lead, w), dtype=dt, device=dev)
+        col_t = torch.zeros_like(col_h) if need_ntk else None
+    elif mode == "last":
+        last1 = l1 - 1
+        idx2 = l2[..., None].expand(*lead, 1)  # column T2 - 1 + 1
+        res_h = torch.zeros(lead, dtype=dt, device=dev)
+        res_t = torch.zeros_like(res_h) if need_ntk else None
+    zero_row = torch.zeros((*lead, w), dtype=dt, device=dev)
     for t in range(t1):
-        h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
-                      p1[..., t:t + 1], p2, need_ntk)
-        valid = v1[..., t:t + 1] & v2
-        torch.where(valid, h, zero, out=out_h[t])
-        hprev[..., 1:] = out_h[t, ..., :-1]
+        r, prev = (t, t - 1) if keep else (t % 2, (t - 1) % 2)
+        hprev = buf_h[prev, :n].view(*lead, w) if t else zero_row
+        htprev = (buf_t[prev, :n].view(*lead, w) if t else zero_row) if need_ntk else None
+        h, ht = _step(rnn, terms, hprev, htprev, kin_x[t], None if tin_x is None else tin_x[t], q1[..., t:t + 1],
+                      q2_x, need_ntk)
+        h[..., 0] = 0.0  # h_0 for the next row
+        buf_h[r, 1:].view(*lead, w).copy_(h)
         if need_ntk:
-            torch.where(valid, ht, zero, out=out_ht[t])
-            htprev[..., 1:] = out_ht[t, ..., :-1]
-    return out_h.movedim(0, -2), (out_ht.movedim(0, -2) if need_ntk else None)
+            ht[..., 0] = 0.0
+            buf_t[r, 1:].view(*lead, w).copy_(ht)
+        if mode == "mean":
+            col_h.addcmul_(h, row_valid[..., t:t + 1])
+            if need_ntk:
+                col_t.addcmul_(ht, row_valid[..., t:t + 1])
+        elif mode == "last":
+            hit = last1 == t
+            res_h = torch.where(hit, h.gather(-1, idx2)[..., 0], res_h)
+            if need_ntk:
+                res_t = torch.where(hit, ht.gather(-1, idx2)[..., 0], res_t)
+    if keep:
+        def grid(buf):
+            return buf[:, 1:].view(t1, *lead, w)[..., 1:].movedim(0, -2)
+        return grid(buf_h), (grid(buf_t) if need_ntk else None)
+    if mode == "last":
+        return res_h, res_t
+    col_valid = ((torch.arange(w, device=dev) >= 1) & (torch.arange(w, device=dev) <= l2[..., None])).to(dt)
+    count = (l1 * l2).to(dt)
+    return ((col_h * col_valid).sum(-1) / count,
+            ((col_t * col_valid).sum(-1) / count) if need_ntk else None)
 
 
 def _flip_grid(g: torch.Tensor, idx1: torch.Tensor, idx2: torch.Tensor, pairwise: bool) -> torch.Tensor:
-    """Reverse each pair's grid (*P, T1, T2) within the pair's lengths (idx from _reverse_index)."""
+    """Reverse each pair's grid (*B, T1, T2) within the pair's lengths (idx from _reverse_index)."""
     if pairwise:
-        n = g.shape[0]
-        ar = torch.arange(n, device=g.device)
+        ar = torch.arange(g.shape[0], device=g.device)
         return g[ar[:, None, None], idx1[:, :, None], idx2[:, None, :]]
-    b1, b2 = g.shape[0], g.shape[1]
-    a1 = torch.arange(b1, device=g.device)[:, None, None, None]
-    a2 = torch.arange(b2, device=g.device)[None, :, None, None]
+    a1 = torch.arange(g.shape[0], device=g.device)[:, None, None, None]
+    a2 = torch.arange(g.shape[1], device=g.device)[None, :, None, None]
     return g[a1, a2, idx1[:, None, :, None], idx2[None, :, None, :]]
+
+
+def _input_grid(v1, v2, d, pairwise):
+    """x_t . x'_t' / d for a block of pairs: (P, T1, T2) or (b1, b2, T1, T2) (one matrix product)."""
+    v1 = v1 * (1.0 / d)  # on the sequences, not on the grid
+    if pairwise:
+        return torch.bmm(v1, v2.transpose(1, 2))
+    b1, ta, b2, tb = v1.shape[0], v1.shape[1], v2.shape[0], v2.shape[1]
+    kin = v1.transpose(0, 1).reshape(ta * b1, d) @ v2.reshape(b2 * tb, d).T
+    return kin.reshape(ta, b1, b2, tb).movedim(0, -2)  # rows t outermost in memory: contiguous rows
+
+
+def _pair_grid(stack, terms, v1, l1, v2, l2, q1, q2, need_ntk, d, pairwise):
+    """Readout kernels (K, K' Theta) of the top RNN for a block of pairs of sequences by their time grids.
+
+    v1 (n1, T1, d), v2 (n2, T2, d): start-aligned, zero-padded sequences of either side (pairwise: n1 = n2 = P,
+    the pairs (v1[p], v2[p]); otherwise all n1 x n2 pairs); q1[l][dir] (n1, T1), q2[l][dir] (n2, T2): Var g_t of
+    layer l and direction dir. Lower layers of a stack hand their whole grids up; the top layer keeps only its
+    readout ("mean": column sums).
+    """
+    kin = _input_grid(v1, v2, d, pairwise)
+    kin_rev = None
+    if stack[0].bidirectional:  # the input kernel of the reversed sequences, straight from the data
+        kin_rev = _input_grid(_reverse(v1, l1), _reverse(v2, l2), d, pairwise)
+    tin = tin_rev = None
+    r1, r2 = _reverse_index(l1, v1.shape[1]), _reverse_index(l2, v2.shape[1])
+    la, lb = (l1, l2) if pairwise else (l1[:, None], l2[None, :])
+
+    def side(q1_, q2_):
+        return (q1_, q2_) if pairwise else (q1_[:, None], q2_[None, :])
+
+    for li, rnn in enumerate(stack):
+        top = li == len(stack) - 1
+        mode = rnn.readout if top else "grid"
+        outs = [_rows(rnn, terms[li], kin, tin, *side(q1[li][0], q2[li][0]), la, lb, need_ntk, mode)]
+        if rnn.bidirectional:
+            if kin_rev is None:
+                kin_rev = _flip_grid(kin, r1, r2, pairwise)
+                tin_rev = None if tin is None else _flip_grid(tin, r1, r2, pairwise)
+            # "last" is (T-1, T'-1) and "mean" is flip-invariant, in either time order
+            outs.append(_rows(rnn, terms[li], kin_rev, tin_rev, *side(q1[li][1], q2[li][1]), la, lb, need_ntk, mode))
+        del kin, tin, kin_rev, tin_rev
+        kin_rev = tin_rev = None
+        if top:
+            k = sum(o[0] for o in outs) / len(outs)
+            return k, (sum(o[1] for o in outs) / len(outs) if need_ntk else None)
+        hs = [outs[0][0]] + [_flip_grid(o[0], r1, r2, pairwise) for o in outs[1:]]
+        kin = sum(hs) / len(hs) if len(hs) > 1 else hs[0]
+        tin = None
+        if need_ntk:
+            ts = [outs[0][1]] + [_flip_grid(o[1], r1, r2, pairwise) for o in outs[1:]]
+            tin = sum(ts) / len(ts) if len(ts) > 1 else ts[0]
+        del outs, hs
 
 
 def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
@@ -498,7 +604,7 @@ def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
         steps = torch.arange(t_frame, device=vals.device)[None, :]
         mask = steps >= (t_frame - lengths[:, None])
     else:
-        mask = torch.arange(vals.shape[1], device=vals.device)[None, :] < lengths[:, None]
+        mask = None  # start-aligned: the chains run on past the ends (see _self_chain)
     kin = (vals * vals).sum(-1) / d
     qs, hv_top = [], None
     for rnn in stack:
@@ -508,7 +614,7 @@ def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
         hvs.append(hv)
         if rnn.bidirectional:
             rev = _reverse_index(lengths, kin.shape[1])
-            qb, hvb = _self_chain(rnn, kin.gather(1, rev), mask)
+            qb, hvb = _self_chain(rnn, kin.gather(1, rev), mask)  # rev: an involution, identity on padding
             dirs.append(qb)
             hvs.append(hvb)
         qs.append(dirs)
@@ -516,59 +622,6 @@ def _side_variances(stack, seqs: Sequences, chain: bool, t_frame: int):
         kin = sum(hv_orig) / len(hv_orig)
         hv_top = hvs
     return vals, mask, qs, hv_top
-
-
-def _stack_grid(stack, terms, s1, s2, q1, q2, pairwise, need_ntk, d):
-    """Readout kernels (K, K' Theta) of the top RNN for a block of pairs, by full time grids."""
-    (v1, l1), (v2, l2) = s1, s2
-    # time rows outermost in memory (contiguous rows for _grid), viewed as (*P, T1, T2)
-    if pairwise:
-        kin = torch.bmm(v1, v2.transpose(1, 2)).div_(d).permute(1, 0, 2).contiguous().movedim(0, -2)
-    else:  # one matmul (T1 b1, d) x (d, b2 T2), viewed as (b1, b2, T1, T2)
-        b1, ta, b2, tb = v1.shape[0], v1.shape[1], v2.shape[0], v2.shape[1]
-        kin = (v1.transpose(0, 1).reshape(ta * b1, d) @ v2.reshape(b2 * tb, d).T).div_(d)
-        kin = kin.reshape(ta, b1, b2, tb).movedim(0, -2)
-    tin = None
-    r1, r2 = _reverse_index(l1, v1.shape[1]), _reverse_index(l2, v2.shape[1])
-    m1 = torch.arange(v1.shape[1], device=v1.device)[None, :] < l1[:, None]
-    m2 = torch.arange(v2.shape[1], device=v2.device)[None, :] < l2[:, None]
-    for li, rnn in enumerate(stack):
-        top = li == len(stack) - 1
-        h, ht = _grid(rnn, terms[li], kin, tin, q1[li][0], q2[li][0], m1, m2, pairwise, need_ntk)
-        outs = [(h, ht, False)]
-        if rnn.bidirectional:
-            kb = _flip_grid(kin, r1, r2, pairwise)
-            tb = None if tin is None else _flip_grid(tin, r1, r2, pairwise)
-            hb, htb = _grid(rnn, terms[li], kb, tb, q1[li][1], q2[li][1], m1, m2, pairwise, need_ntk)
-            del kb, tb
-            outs.append((hb, htb, True))
-        if not top:
-            hs = [_flip_grid(a, r1, r2, pairwise) if flipped else a for a, _, flipped in outs]
-            kin = sum(hs) / len(hs)
-            if need_ntk:
-                ts = [_flip_grid(b, r1, r2, pairwise) if flipped else b for _, b, flipped in outs]
-                tin = sum(ts) / len(ts)
-            continue
-        res_h, res_t = [], []
-        for a, b, _ in outs:  # "last" is (T-1, T'-1) and "mean" is flip-invariant, in either time order
-            res_h.append(_readout(a, rnn.readout, l1, l2, pairwise))
-            if need_ntk:
-                res_t.append(_readout(b, rnn.readout, l1, l2, pairwise))
-        k = sum(res_h) / len(res_h)
-        return k, (sum(res_t) / len(res_t) if need_ntk else None)
-
-
-def _readout(g: torch.Tensor, readout: str, l1: torch.Tensor, l2: torch.Tensor, pairwise: bool) -> torch.Tensor:
-    if readout == "last":
-        if pairwise:
-            ar = torch.arange(g.shape[0], device=g.device)
-            return g[ar, l1 - 1, l2 - 1]
-        a1 = torch.arange(g.shape[0], device=g.device)[:, None]
-        a2 = torch.arange(g.shape[1], device=g.device)[None, :]
-        return g[a1, a2, (l1 - 1)[:, None], (l2 - 1)[None, :]]
-    # the grid is zero on pairs of steps past either end (see _grid): the mean is a plain sum
-    count = (l1 * l2) if pairwise else (l1[:, None] * l2[None, :])
-    return g.sum((-2, -1)) / count.to(g.dtype)
 
 
 def _stack_chain(stack, terms, v1, v2, m1, m2, q1, q2, pairwise, need_ntk, d):
@@ -598,34 +651,50 @@ def _stack_chain(stack, terms, v1, v2, m1, m2, q1, q2, pairwise, need_ntk, d):
     return h[-1], (ht[-1] if need_ntk else None)
 
 
-def _readout_variance(stack, terms, seqs, chain_vals, chain_mask, qs, hv_top, need_ntk, d, block):
+def _readout_variance(stack, terms, seqs, chain_vals, qs, hv_top, d, chunk):
     """Var of the stack's readout per sequence, (n,): E[h_T^2] for "last", the mean over all (t, t')
-    of the sequence with itself for "mean" (by the pairwise grid, in blocks of sequences)."""
+    of the sequence with itself for "mean" (by the time grids of the pairs (i, i), in chunks)."""
     top = stack[-1]
     lengths = seqs.lengths
     if top.readout == "last":
         if chain_vals is not None:  # end-aligned: the last step is the last column
-            return hv_top[0][:, -1]
+            return hv_top[0][:, -1].clone()
         outs = []
-        for i, hv in enumerate(hv_top):  # the backward direction's last step is at T_i - 1 of its own order
+        for hv in hv_top:  # the backward direction's last step is at T_i - 1 of its own order
             outs.append(hv.gather(1, (lengths - 1)[:, None])[:, 0])
         return sum(outs) / len(outs)
-    res = []
-    for i0 in range(0, seqs.values.shape[0], block):
-        sl = slice(i0, i0 + block)
-        t = int(lengths[sl].max())
-        sub = Sequences(seqs.values[sl, :t], lengths[sl])
-        q = [[qq[sl, :t] for qq in dirs] for dirs in qs]
-        k, _ = _stack_grid(stack, terms, sub, sub, q, q, True, False, d)
-        res.append(k)
-    return torch.cat(res)
+    idx = torch.arange(seqs.values.shape[0], device=lengths.device)
+    return _grid_kernels(stack, terms, seqs, seqs, qs, qs, idx, idx, False, d, chunk)[0]
 
 
-def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memory_budget, block_size):
+def _grid_kernels(stack, terms, s1, s2, q1, q2, ii, jj, need_ntk, d, chunk, show=False):
+    """Readout kernels (K, K' Theta) of the pairs (ii[p], jj[p]) of sequences of s1 and s2, chunk pairs at a
+    time (each chunk's time grid spans only its own longest sequences)."""
+    out_h = torch.empty(ii.shape[0], dtype=s1.values.dtype, device=s1.values.device)
+    out_t = torch.empty_like(out_h) if need_ntk else None
+    starts = range(0, ii.shape[0], chunk)
+    for p0 in progress(starts, total=len(starts), desc="kernel tiles", unit="tile", enabled=show):
+        i, j = ii[p0:p0 + chunk], jj[p0:p0 + chunk]
+        l1, l2 = s1.lengths[i], s2.lengths[j]
+        ta, tb = int(l1.max()), int(l2.max())
+        qa = [[q[i, :ta] for q in dirs] for dirs in q1]
+        qb = [[q[j, :tb] for q in dirs] for dirs in q2]
+        k, kt = _pair_grid(stack, terms, s1.values[i, :ta], l1, s2.values[j, :tb], l2, qa, qb, need_ntk, d, True)
+        out_h[p0:p0 + chunk] = k
+        if need_ntk:
+            out_t[p0:p0 + chunk] = kt
+    return out_h, out_t
+
+
+def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memory_budget, block_size,
+                    progress_flag: bool | None = None):
     """Exact kernels of a sequence architecture (first layer an RNN), called by ``Architecture.kernel``.
 
     Validates the sequences, computes the readout kernels of the RNN stack tile by tile under the memory
     budget, and applies the remaining layers (the Dense readout etc.) through the ordinary kernel state.
+    Unidirectional stacks with readout "last" run one chain per pair along the time diagonal; everything
+    else runs the pairs' whole time grids, row by row. Tiles of length-sorted sequences (upper triangle only
+    for x2=None) span only their own longest sequences.
     """
     stack, rest = split_stack(arch.layers)
     ctx = KernelContext(arch.parameterization)
@@ -652,63 +721,71 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
     terms = [_direct_terms(r, ctx, w) for r, w in zip(stack, widths)]
     same = s2 is None
     s2 = s1 if same else s2
-    chain = stack[-1].readout == "last" and not any(r.bidirectional for r in stack)
+    # "last" of a unidirectional stack, or of one bidirectional layer (whose backward RNN's last state is the
+    # last state of a unidirectional RNN on the reversed sequences): chains along time diagonals
+    chain = stack[-1].readout == "last" and (len(stack) == 1 or not any(r.bidirectional for r in stack))
+    chain_stack = [replace(r, bidirectional=False) for r in stack] if chain else stack
     t_frame = max(s1.values.shape[1], s2.values.shape[1])
     item = s1.values.element_size()
     n1, n2 = s1.values.shape[0], s2.values.shape[0]
     t1, t2 = s1.values.shape[1], s2.values.shape[1]
-    # memory per pair of sequences in a tile: full time grids (grid mode) or per-step scalars (chain mode)
-    # live (T1, T2) grids per pair: the layer's input and output kernels (x2 with the NTK), the reversed
-    # copies of a bidirectional layer, twice that while a stack hands over, +2 for rows and readouts
-    # (measured peaks: 50-75% of this bound for one and two layers, uni- and bidirectional)
-    per_layer = (2 + (2 if any(r.bidirectional for r in stack) else 0)) * (2 if need_ntk else 1)
-    per_pair = (t1 * t2 * (per_layer * (2 if len(stack) > 1 else 1) + 2) + 16) * item \
-        if not chain else (24 * len(stack) + 8) * item
+    # memory per pair of sequences: full time grids (grid mode) or per-step scalars (chain mode). Grid mode:
+    # the input kernel (+ its reverse), and per lower layer of a stack its output grids (x2 with the NTK, x2
+    # again for a bidirectional layer and its flipped copies); the top layer keeps two rows per kernel.
+    if chain:
+        per_pair = (24 * len(stack) + 8) * item
+    else:
+        bi = any(r.bidirectional for r in stack)
+        grids = (2 if bi else 1) * (2 if need_ntk else 1)
+        if len(stack) > 1:
+            grids += (2 if need_ntk else 1) * (4 if bi else 2)
+        per_pair = (t1 * t2 * grids + (t1 + t2) * (8 * len(stack) + 2 * d + 8) + 16) * item
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(s1.values.device)
     out_bytes = (n1 if diagonal else n1 * n2) * len(names) * item
     check_memory(out_bytes, budget, f"the {n1}x{n2} kernel{'s' if len(names) > 1 else ''} in {s1.values.dtype}",
                  "compute it in pieces (slices of x1) or use float32")
+    # per-sequence state (values, variances per layer and direction) and the pair index lists
     left = budget - out_bytes - 4 * (n1 + n2) * t_frame * item * (len(stack) + 2)
     if block_size is not None:
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         block = int(block_size)
-    else:
-        # grid mode: tiles of <= 64 x 64 pairs keep rows of >= 4096 pairs x T' per operation, and let the
-        # length-sorted tiles span only their own longest sequences
-        block = 512 if chain else 64
+    elif chain:
+        block = 512
         while block > 1 and block * block * per_pair > left:
             block //= 2
+    else:
+        # tiles of ~2^16 grid cells per row operation (cache-sized rows), smaller when the budget says so
+        block = max(1, int(math.isqrt(max(1, _ROW_CELLS // max(t2, 1)))))
+        while block > 1 and block * block * per_pair > left:
+            block -= 1
     check_memory(out_bytes + block * block * per_pair, budget,
-                 f"kernel tiles of {block}x{block} sequence pairs with {t1}x{t2} time steps",
+                 f"kernel tiles of {block * block} sequence pairs with {t1}x{t2} time steps",
                  "pass a smaller block_size, a larger memory_budget, or shorter sequences")
 
     # per-sequence variances (and, in chain mode, end-aligned values) of both sides
-    v1, mk1, q1, hv1 = _side_variances(stack, s1, chain, t_frame)
-    if same:
-        v2, mk2, q2, hv2 = v1, mk1, q1, hv1
+    if chain:  # one set per direction: (end-aligned values, masks, Var g_t, Var of the readout)
+        def sides(s):
+            out = []
+            for rev in ([False, True] if stack[0].bidirectional else [False]):
+                seq = Sequences(_reverse(s.values, s.lengths), s.lengths) if rev else s
+                v, mk, q, hv = _side_variances(chain_stack, seq, True, t_frame)
+                out.append((v, mk, q, _readout_variance(chain_stack, terms, seq, v, q, hv, d, 1)))
+            return out
+
+        dirs1 = sides(s1)
+        dirs2 = dirs1 if same else sides(s2)
+        var1 = sum(dd[3] for dd in dirs1) / len(dirs1)
+        var2 = sum(dd[3] for dd in dirs2) / len(dirs2)
     else:
-        v2, mk2, q2, hv2 = _side_variances(stack, s2, chain, t_frame)
-    var_block = max(1, min(512, int(left // max(per_pair, 1))))
-    var1 = _readout_variance(stack, terms, s1, v1 if chain else None, mk1, q1, hv1, need_ntk, d, var_block)
-    var2 = var1 if same else _readout_variance(stack, terms, s2, v2 if chain else None, mk2, q2, hv2, need_ntk, d,
-                                               var_block)
+        _, _, q1, hv1 = _side_variances(stack, s1, False, t_frame)
+        q2, hv2 = (q1, hv1) if same else _side_variances(stack, s2, False, t_frame)[2:]
+        var1 = _readout_variance(stack, terms, s1, None, q1, hv1, d, block * block)
+        var2 = var1 if same else _readout_variance(stack, terms, s2, None, q2, hv2, d, block * block)
     width = stack[-1].features
     rest_body = Serial(rest)
 
-    def block_state(i0, i1, j0, j1, pairwise):
-        sl1, sl2 = slice(i0, i1), slice(j0, j1)
-        if chain:
-            qa = [[q[sl1] for q in dirs] for dirs in q1]
-            qb = [[q[sl2] for q in dirs] for dirs in q2]
-            k, kt = _stack_chain(stack, terms, v1[sl1], v2[sl2], mk1[sl1], mk2[sl2], qa, qb, pairwise, need_ntk, d)
-        else:  # the time grid of a tile spans only its own longest sequences (tiles hold similar lengths)
-            ta, tb = int(s1.lengths[sl1].max()), int(s2.lengths[sl2].max())
-            qa = [[q[sl1, :ta] for q in dirs] for dirs in q1]
-            qb = [[q[sl2, :tb] for q in dirs] for dirs in q2]
-            k, kt = _stack_grid(stack, terms, Sequences(s1.values[sl1, :ta], s1.lengths[sl1]),
-                                Sequences(s2.values[sl2, :tb], s2.lengths[sl2]), qa, qb, pairwise, need_ntk, d)
-        va, vb = (var1[sl1], var2[sl2]) if pairwise else (var1[sl1, None], var2[None, sl2])
+    def finish(k, kt, va, vb):
         st = KernelState(nngp=k, ntk=kt if need_ntk else None, var1=va, var2=vb, width=width, gaussian=False)
         st = rest_body.apply_kernel(st, ctx)
         if isinstance(st, tuple):
@@ -725,8 +802,40 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
             out[name] = val
         return out
 
+    dev = s1.values.device
+    if diagonal and not chain:  # grid mode, pairs (i, i): chunks of pairs of similar lengths
+        ii = torch.arange(n1, device=dev)
+        show = n1 > block * block if progress_flag is None else bool(progress_flag)
+        k, kt = _grid_kernels(stack, terms, s1, s2, q1, q2, ii, ii, need_ntk, d, block * block, show)
+        vals = finish(k, kt, var1, var2)
+        outs = {}
+        for name in names:
+            outs[name] = torch.empty(n1, dtype=k.dtype, device=dev)
+            outs[name][order1] = vals[name]
+        return outs
+
+    def block_state(i0, i1, j0, j1, pairwise):
+        sl1, sl2 = slice(i0, i1), slice(j0, j1)
+        if chain:  # the directions' per-unit kernels average (features concatenated)
+            k = kt = 0.0
+            for (va_, ma_, qa_, _), (vb_, mb_, qb_, _) in zip(dirs1, dirs2):
+                qa = [[q[sl1] for q in dirs] for dirs in qa_]
+                qb = [[q[sl2] for q in dirs] for dirs in qb_]
+                kd, ktd = _stack_chain(chain_stack, terms, va_[sl1], vb_[sl2], ma_[sl1], mb_[sl2], qa, qb, pairwise,
+                                       need_ntk, d)
+                k = k + kd / len(dirs1)
+                kt = (kt + ktd / len(dirs1)) if need_ntk else None
+        else:  # the time grid of a tile spans only its own longest sequences (tiles hold similar lengths)
+            ta, tb = int(s1.lengths[sl1].max()), int(s2.lengths[sl2].max())
+            qa = [[q[sl1, :ta] for q in dirs] for dirs in q1]
+            qb = [[q[sl2, :tb] for q in dirs] for dirs in q2]
+            k, kt = _pair_grid(stack, terms, s1.values[sl1, :ta], s1.lengths[sl1], s2.values[sl2, :tb],
+                               s2.lengths[sl2], qa, qb, need_ntk, d, pairwise)
+        va, vb = (var1[sl1], var2[sl2]) if pairwise else (var1[sl1, None], var2[None, sl2])
+        return finish(k, kt, va, vb)
+
     if diagonal:
-        outs = {name: torch.empty(n1, dtype=s1.values.dtype, device=s1.values.device) for name in names}
+        outs = {name: torch.empty(n1, dtype=s1.values.dtype, device=dev) for name in names}
         for i0 in range(0, n1, block * block):
             i1 = min(i0 + block * block, n1)
             for name, val in block_state(i0, i1, i0, i1, True).items():
@@ -734,18 +843,18 @@ def sequence_kernel(arch, x1, x2, names, *, diagonal: bool, dtype, device, memor
         for name in names:
             outs[name][order1] = outs[name].clone()
         return outs
-    outs = {name: empty_output((n1, n2), s1.values.dtype, s1.values.device) for name in names}
-    for i0 in range(0, n1, block):
-        i1 = min(i0 + block, n1)
-        for j0 in range(i0 if same else 0, n2, block):
-            j1 = min(j0 + block, n2)
-            diag_tile = same and i0 == j0
-            for name, tile in block_state(i0, i1, j0, j1, False).items():
-                if diag_tile:
-                    tile = (tile + tile.T) * 0.5
-                outs[name][i0:i1, j0:j1] = tile
-                if same and not diag_tile:
-                    outs[name][j0:j1, i0:i1] = tile.T
+    outs = {name: empty_output((n1, n2), s1.values.dtype, dev) for name in names}
+    tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
+    show = len(tiles) > 1 if progress_flag is None else bool(progress_flag)
+    for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=show):
+        i1, j1 = min(i0 + block, n1), min(j0 + block, n2)
+        diag_tile = same and i0 == j0
+        for name, tile in block_state(i0, i1, j0, j1, False).items():
+            if diag_tile:
+                tile = (tile + tile.T) * 0.5
+            outs[name][i0:i1, j0:j1] = tile
+            if same and not diag_tile:
+                outs[name][j0:j1, i0:i1] = tile.T
     for name in names:
         sorted_out = outs[name]
         outs[name] = empty_output((n1, n2), sorted_out.dtype, sorted_out.device)

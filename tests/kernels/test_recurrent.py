@@ -416,3 +416,84 @@ def test_bad_sequences_name_the_sample(where):
             arch.kernel(seqs, [torch.tensor([[0.0] * D, [float("inf")] * D], dtype=torch.float64)])
         with pytest.raises(ValueError, match="input_dim=5"):
             ntkit.serial(RNN(), ntkit.Dense(1), input_dim=5).kernel(seqs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public API on sequences: kernel options, kernel_fn, empirical NTK / NNGP and Monte Carlo of the twin
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(readout="mean"), dict(readout="last"), dict(readout="last", bidirectional=True)])
+def test_kernel_options_and_kernel_fn_on_sequences(kw, monkeypatch):
+    arch = _arch(**kw)
+    seqs, seqs2 = _seqs(), _seqs(lengths=(5, 2), seed=11)
+    ref = arch.kernel(seqs, seqs2)
+    kf = arch.kernel_fn("ntk")
+    torch.testing.assert_close(kf(seqs, seqs2), ref.ntk, rtol=0, atol=0)
+    torch.testing.assert_close(arch.kernel_fn("nngp")(seqs), arch.kernel(seqs, get="nngp"), rtol=0, atol=0)
+    torch.testing.assert_close(kf(seqs, diagonal=True), torch.diagonal(arch.kernel(seqs, get="ntk")), rtol=1e-12,
+                               atol=1e-13)
+    assert kf(seqs, dtype=torch.float32).dtype == torch.float32
+    # memory budget (tiles of single pairs), dtype, device and progress give the same numbers
+    small = arch.kernel(seqs, seqs2, memory_budget=30_000, device="cpu")
+    torch.testing.assert_close(small.ntk, ref.ntk, rtol=1e-12, atol=1e-13)
+    calls = []
+    import ntkit.kernels.recurrent as rec
+
+    def spy(it, **opts):
+        calls.append(opts.get("enabled"))
+        return it
+
+    monkeypatch.setattr(rec, "progress", spy)
+    arch.kernel(seqs, get="ntk", progress=True)  # a bar over the kernel's tiles
+    assert True in calls
+    calls.clear()
+    arch.kernel(seqs, get="ntk", progress=False)
+    assert calls and not any(calls)
+
+
+def test_empirical_ntk_nngp_and_monte_carlo_of_the_twin_on_variable_lengths(single_thread):
+    """ntkit.empirical_ntk / empirical_nngp take the finite twin and a list of sequences of different lengths
+    (x2 with another longest length too) and agree with brute-force autograd per sequence, by every
+    implementation; ntkit.monte_carlo_kernel takes the architecture and the sequences (or an (n, T, d) tensor)
+    and its mean is the mean of those per-seed kernels."""
+    arch = _arch(readout="mean", bidirectional=True)
+    seqs, seqs2 = _seqs(), _seqs(lengths=(8, 2), seed=11)
+    net = arch.init(12, seed=0, in_features=D, out_dim=1)
+    nngp, ntk = _empirical(net, seqs + seqs2)
+    for impl in ("auto", "jacobian", "ntk_vector", "structured"):
+        torch.testing.assert_close(ntkit.empirical_ntk(net, seqs, implementation=impl), ntk[:5, :5], rtol=1e-12,
+                                   atol=1e-13)
+        torch.testing.assert_close(ntkit.empirical_ntk(net, seqs, seqs2, implementation=impl), ntk[:5, 5:],
+                                   rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ntkit.empirical_nngp(net, seqs, seqs2), nngp[:5, 5:], rtol=1e-12, atol=1e-13)
+    seqs_padded = ntkit.Sequences(*as_sequences(seqs))
+    torch.testing.assert_close(ntkit.empirical_ntk(net, seqs_padded), ntk[:5, :5], rtol=1e-12, atol=1e-13)
+
+    mc = ntkit.monte_carlo_kernel(arch, seqs, seqs2, width=12, seeds=3, out_dim=1)
+    per_seed = [_empirical(arch.init(12, seed=s, in_features=D, out_dim=1), seqs + seqs2) for s in range(3)]
+    torch.testing.assert_close(mc["ntk"].mean, torch.stack([p[1][:5, 5:] for p in per_seed]).mean(0), rtol=1e-12,
+                               atol=1e-13)
+    torch.testing.assert_close(mc["nngp"].mean, torch.stack([p[0][:5, 5:] for p in per_seed]).mean(0),
+                               rtol=1e-12, atol=1e-13)
+    equal = _seqs(lengths=(4, 4, 4))
+    mc_t = ntkit.monte_carlo_kernel(arch, torch.stack(equal), width=12, seeds=2, get="ntk")
+    torch.testing.assert_close(mc_t.mean, ntkit.monte_carlo_kernel(arch, equal, width=12, seeds=2, get="ntk").mean,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["empirical_ntk", "empirical_nngp", "monte_carlo_kernel", "kernel_fn"])
+def test_bad_sequences_name_the_sample_everywhere(where):
+    arch = _arch()
+    net = arch.init(8, in_features=D, out_dim=1)
+    run = {"empirical_ntk": lambda x: ntkit.empirical_ntk(net, x),
+           "empirical_nngp": lambda x: ntkit.empirical_nngp(net, x),
+           "monte_carlo_kernel": lambda x: ntkit.monte_carlo_kernel(arch, x, width=8, seeds=2),
+           "kernel_fn": lambda x: arch.kernel_fn("ntk")(x)}[where]
+    seqs = _seqs()
+    with pytest.raises(ValueError, match="sequence 2 is empty"):
+        run(seqs[:2] + [torch.zeros(0, D, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="sequence 3 has 4 features per time step but sequence 0 has 3"):
+        run(seqs[:3] + [torch.randn(4, D + 1, dtype=torch.float64)])
+    nan = [s.clone() for s in seqs]
+    nan[1][5, 0] = float("nan")
+    with pytest.raises(ValueError, match="sequence 1 contains NaN at time step 5"):
+        run(nan)
