@@ -31,8 +31,9 @@ class CNTKSketch(NTKRandomFeatures):
       Theta' = Sigma' + (W_std^2 / F) sum_o Theta(p+o, p'+o): the features of the window around p are
       concatenated (zero padding, the same geometry as the exact kernel: :meth:`ntkit.Conv.patches`),
       phi'(p) = [(W_std / sqrt(F)) patch(phi)(p), b_std] and psi'(p) = [phi'(p), (W_std / sqrt(F)) patch(psi)(p)]
-      -- exact, no randomness. Before an activation a patch vector longer than the arc-cosine width is
-      reduced by an SRHT shared by all positions and images (unbiased for inner products).
+      -- exact, no randomness. Before an activation a phi' longer than the arc-cosine width is reduced
+      by an SRHT shared by all positions and images (unbiased for inner products; the reduced phi' also
+      enters psi'), which keeps the cost per position O(F m log(F m)) instead of O(F m^2).
     * ReLU-family activation, per position: arc-cosine random features of order 1 (NNGP) and 0 (the
       derivative kernel Sigma_dot) with Gaussian weights shared by all positions, and
       psi'(p) = TensorSRHT(psi(p) (x) dot(p)) for Theta' = Theta * Sigma_dot, exactly as
@@ -168,14 +169,16 @@ class CNTKSketch(NTKRandomFeatures):
                     work = max(work, positions * 2 * F * (s + (t or 0)))
                 else:
                     s_full = F * s + (1 if op.b_std > 0 else 0)
-                    t_new = (s_full + F * (t or 0)) if (ntk and op.trainable) else (F * t if t is not None else None)
-                    work = max(work, positions * (2 * F * (s + (t or 0)) + s_full + (t_new or 0)))
                     nxt = self.ops_[k + 1] if k + 1 < len(self.ops_) else None
-                    s, t = s_full, t_new
                     if isinstance(nxt, ActOp) and s_full > r:
                         prm = _SRHT(s_full, r, gen)
-                        work = max(work, positions * (s_full + 3 * _next_pow2(s_full) + (t or 0)))
-                        s = r
+                        work = max(work, positions * (s_full + 2 * _next_pow2(s_full)))
+                        s_new = r
+                    else:
+                        s_new = s_full
+                    t_new = (s_new + F * (t or 0)) if (ntk and op.trainable) else (F * t if t is not None else None)
+                    work = max(work, positions * (2 * F * (s + (t or 0)) + s_full + (t_new or 0)))
+                    s, t = s_new, t_new
             elif isinstance(op, PoolOp):
                 positions, size = 1, ()
             elif isinstance(op, DenseOp):
@@ -244,13 +247,13 @@ class CNTKSketch(NTKRandomFeatures):
         s = lay.patches(s) * c
         if op.b_std > 0:
             s = torch.cat([s, s.new_full((*s.shape[:-1], 1), op.b_std)], dim=-1)
+        if proj is not None:  # phi' reduced by an SRHT shared by all positions (unbiased for Sigma')
+            r = proj.rows.shape[0]
+            lead = s.shape[:-1]
+            s = (proj(s.reshape(-1, s.shape[-1])) * (1.0 / math.sqrt(r))).reshape(*lead, r)
         if self.kernel == "ntk":
             if op.trainable:
                 t = s if t is None else torch.cat([s, lay.patches(t) * c], dim=-1)
             elif t is not None:
                 t = lay.patches(t) * c
-        if proj is not None:
-            r = proj.rows.shape[0]
-            lead = s.shape[:-1]
-            s = (proj(s.reshape(-1, s.shape[-1])) * (1.0 / math.sqrt(r))).reshape(*lead, r)
         return s, t

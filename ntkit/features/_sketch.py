@@ -76,9 +76,11 @@ class _SRHT:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x * self.signs
-        if self.pad != self.dim:
-            y = torch.nn.functional.pad(y, (0, self.pad - self.dim))
+        if self.pad != self.dim:  # signs and zero padding in one pass
+            y = x.new_zeros((x.shape[0], self.pad))
+            torch.mul(x, self.signs, out=y[:, :self.dim])
+        else:
+            y = x * self.signs
         return fwht(y)[:, self.rows]
 
 
