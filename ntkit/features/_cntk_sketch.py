@@ -20,8 +20,8 @@ class CNTKSketch(NTKRandomFeatures):
     """Random features whose inner products approximate the CNTK (or CNN-GP) of a convolutional ReLU
     network with global average pooling.
 
-    After Zandieh, Han, Avron, Shoham, Kim and Shin, "Scaling Neural Tangent Kernels via Sketching and
-    Random Features" (NeurIPS 2021), Sec. "CNTK Sketch": every position p of an image carries features
+    After the CNTK sketch of Zandieh, Han, Avron, Shoham, Kim and Shin, "Scaling Neural Tangent Kernels via
+    Sketching and Random Features" (NeurIPS 2021): every position p of an image carries features
     phi(p) of the NNGP Sigma(p, p') and psi(p) of the NTK Theta(p, p') (inner products between positions
     of two images approximate the position-pair kernels of the exact recursion of Arora et al. 2019,
     App. B, as implemented by :class:`ntkit.Conv` and :class:`ntkit.GlobalAvgPool`):
