@@ -161,7 +161,8 @@ def main():
         acc = feature_accuracy(feats[idx], feats[te_idx], labels[idx], labels[te_idx], regs)
         t_solve = time.perf_counter() - t0
         large["rows"].append({"n_train": int(n_tr), "n_test": 1000, "accuracy": acc,
-                              "time_s (features of train + test, solve)": round(per_image * (n_tr + 1000) + t_solve, 1)})
+                              "time_s (features of train + test, solve)":
+                                  round(per_image * (n_tr + 1000) + t_solve, 1)})
         print(f"sketch m={m} n_train={n_tr}: acc {acc}", flush=True)
     if args.save_features:
         np.savez(args.save_features, features=feats.numpy(), labels=labels[:args.n_large])

@@ -104,7 +104,7 @@ class CNTKSketch(NTKRandomFeatures):
         _, _, nd = read_conv_architecture(self.architecture, self.kernel)
         t = as_float_tensor(X, "X", dtype=None, check_finite=False)
         if t.ndim != nd + 2:
-            raise ValueError(f"this architecture (first layer a {nd}-D conv) takes {self._kind(nd)} channels-last, "
+            raise ValueError(f"this architecture ({nd}-D conv / pooling layers) takes {self._kind(nd)} channels-last, "
                              f"got X of shape {tuple(t.shape)}; reshape flat data to that layout first")
         self.input_shape_ = tuple(int(s) for s in t.shape[1:])
         return super().fit(t)
@@ -113,9 +113,10 @@ class CNTKSketch(NTKRandomFeatures):
         self._check_fitted()
         shape = tuple(X.shape[1:]) if hasattr(X, "shape") else tuple(np.shape(X)[1:])
         if tuple(int(s) for s in shape) != self.input_shape_:
+            kind = self._kind(len(self.input_shape_) - 1)
             raise ValueError(f"X has samples of shape {tuple(shape)}, but {type(self).__name__} was fitted on "
-                             f"samples of shape {self.input_shape_} (channels-last {self._kind(len(shape) - 1) if len(shape) in (2, 3) else 'inputs'}); "
-                             "fit again for another input shape")
+                             f"samples of shape {self.input_shape_} (channels-last {kind}); fit again for another "
+                             "input shape")
         t, numpy_in = super()._prepare(X)  # validated, flattened
         return t.reshape(t.shape[0], *self.input_shape_), numpy_in
 
