@@ -33,7 +33,7 @@ class CNTKSketch(NTKRandomFeatures):
       phi'(p) = [(W_std / sqrt(F)) patch(phi)(p), b_std] and psi'(p) = [phi'(p), (W_std / sqrt(F)) patch(psi)(p)]
       -- exact, no randomness. Before an activation a phi' longer than the arc-cosine width is reduced
       by an SRHT shared by all positions and images (unbiased for inner products; the reduced phi' also
-      enters psi'), which keeps the cost per position O(F m log(F m)) instead of O(F m^2).
+      enters psi'): O(F m log(F m) + m^2) per position instead of the O(F m^2) of a Gaussian on the patch.
     * ReLU-family activation, per position: arc-cosine random features of order 1 (NNGP) and 0 (the
       derivative kernel Sigma_dot) with Gaussian weights shared by all positions, and
       psi'(p) = TensorSRHT(psi(p) (x) dot(p)) for Theta' = Theta * Sigma_dot, exactly as
