@@ -3,6 +3,8 @@
 * :class:`NTKRandomFeatures` - arc-cosine random features combined across layers by TensorSRHT
   (Han et al. 2021), NNGP or NTK of fully-connected ReLU networks, optional leverage-score sampling.
 * :class:`NTKSketch` - non-negative polynomial fits of the arc-cosine duals and PolySketch (Zandieh et al. 2021).
+* :class:`CNTKSketch` - per-position features of convolutional ReLU networks with global average pooling
+  (CNTK-GAP / CNN-GP; Zandieh et al. 2021, CNTK sketch).
 
 Transformers in the scikit-learn ``kernel_approximation`` style: ``fit`` / ``transform`` /
 ``fit_transform`` / ``iter_transform``; numpy in -> numpy out, torch in -> torch out.
@@ -10,5 +12,6 @@ Transformers in the scikit-learn ``kernel_approximation`` style: ``fit`` / ``tra
 
 from ._random_features import NTKRandomFeatures
 from ._sketch_ntk import NTKSketch, arccos_polynomials
+from ._cntk_sketch import CNTKSketch
 
-__all__ = ["NTKRandomFeatures", "NTKSketch", "arccos_polynomials"]
+__all__ = ["NTKRandomFeatures", "NTKSketch", "arccos_polynomials", "CNTKSketch"]

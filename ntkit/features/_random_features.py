@@ -183,34 +183,45 @@ class NTKRandomFeatures(FeatureMap):
         return 4 * self._max_dim + 2 * self.n_components_
 
     # -- transform --------------------------------------------------------------------------------
+    def _dense_step(self, op: DenseOp, s: torch.Tensor, t: torch.Tensor | None):
+        """Dense(W_std, b_std) on features (..., dim): phi_s' = [W_std phi_s, b_std], phi_t' = [phi_s', W_std phi_t]."""
+        s = s * op.W_std if op.W_std != 1.0 else s
+        if op.b_std > 0:
+            s = torch.cat([s, s.new_full((*s.shape[:-1], 1), op.b_std)], dim=-1)
+        if self.kernel == "ntk":
+            if op.trainable:
+                t = s if t is None else torch.cat([s, t * op.W_std], dim=-1)
+            elif t is not None:
+                t = t * op.W_std
+        return s, t
+
+    def _act_step(self, op, prm, s: torch.Tensor, t: torch.Tensor | None):
+        """An activation on row features (rows, dim): arc-cosine features of order 1 (NNGP) and 0 (the
+        derivative kernel), the latter tensored with phi_t by TensorSRHT (class docstring)."""
+        g1, g0, w0, sk = prm
+        if self.kernel == "ntk" and t is not None:
+            z0 = s @ g0
+            dot = torch.where(z0 > 0, op.b, op.a).to(z0.dtype) if op.a != 0 else (z0 > 0).to(z0.dtype)
+            if op.b != 1.0 and op.a == 0:
+                dot = dot * op.b
+            if w0 is not None:
+                dot = dot * w0
+            dot = dot * (1.0 / math.sqrt(g0.shape[1]))
+            t = sk(t, dot)
+        z1 = s @ g1
+        s = (torch.relu(z1) * op.b if op.a == 0 else op.a * z1.clamp(max=0) + op.b * z1.clamp(min=0))
+        s = s * (1.0 / math.sqrt(g1.shape[1]))
+        return s, t
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         ntk = self.kernel == "ntk"
         s = x * (1.0 / math.sqrt(x.shape[1]))
         t = None
         for op, p in zip(self.ops_, self._params):
             if isinstance(op, DenseOp):
-                s = s * op.W_std if op.W_std != 1.0 else s
-                if op.b_std > 0:
-                    s = torch.cat([s, s.new_full((s.shape[0], 1), op.b_std)], dim=1)
-                if ntk:
-                    if op.trainable:
-                        t = s if t is None else torch.cat([s, t * op.W_std], dim=1)
-                    elif t is not None:
-                        t = t * op.W_std
+                s, t = self._dense_step(op, s, t)
             else:
-                g1, g0, w0, sk = p
-                if ntk and t is not None:
-                    z0 = s @ g0
-                    dot = torch.where(z0 > 0, op.b, op.a).to(z0.dtype) if op.a != 0 else (z0 > 0).to(z0.dtype)
-                    if op.b != 1.0 and op.a == 0:
-                        dot = dot * op.b
-                    if w0 is not None:
-                        dot = dot * w0
-                    dot = dot * (1.0 / math.sqrt(g0.shape[1]))
-                    t = sk(t, dot)
-                z1 = s @ g1
-                s = (torch.relu(z1) * op.b if op.a == 0 else op.a * z1.clamp(max=0) + op.b * z1.clamp(min=0))
-                s = s * (1.0 / math.sqrt(g1.shape[1]))
+                s, t = self._act_step(op, p, s, t)
         if ntk:
             if t is None:  # pragma: no cover - excluded by read_architecture
                 raise ConfigError("the NTK of this architecture is identically zero")

@@ -23,18 +23,41 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalized fast Walsh-Hadamard transform along the last axis (its length a power of two)."""
+_HADAMARD: dict = {}
+
+
+def _hadamard(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The unnormalized k x k Sylvester-Hadamard matrix (k a power of two), cached per dtype and device."""
+    key = (k, dtype, str(device))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones((1, 1), dtype=torch.float64)
+        while h.shape[0] < k:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[key] = h.to(dtype=dtype, device=device)
+    return h
+
+
+def fwht(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Unnormalized fast Walsh-Hadamard transform along the last axis (its length a power of two).
+
+    H_p is the Kronecker product H_k1 (x) H_k2 (x) ... of Hadamard blocks of size k <= ``block``, applied
+    one factor axis at a time as a matrix product: O(p * block * log_block(p)) multiply-adds per row in a
+    few BLAS calls, much faster in practice than log2(p) elementwise butterfly passes.
+    """
     n, p = x.shape[0], x.shape[-1]
     if p & (p - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {p}")
-    y = x
-    h = 1
-    while h < p:
-        y = y.reshape(n, p // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
+    y = x.reshape(n, p)
+    right = 1
+    while right < p:
+        k = min(block, p // right)
+        h = _hadamard(k, x.dtype, x.device)
+        if right == 1:
+            y = y.reshape(-1, k) @ h
+        else:
+            y = torch.matmul(h, y.reshape(-1, k, right))  # h is symmetric
+        right *= k
     return y.reshape(n, p)
 
 
@@ -53,9 +76,11 @@ class _SRHT:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = x * self.signs
-        if self.pad != self.dim:
-            y = torch.nn.functional.pad(y, (0, self.pad - self.dim))
+        if self.pad != self.dim:  # signs and zero padding in one pass
+            y = x.new_zeros((x.shape[0], self.pad))
+            torch.mul(x, self.signs, out=y[:, :self.dim])
+        else:
+            y = x * self.signs
         return fwht(y)[:, self.rows]
 
 
