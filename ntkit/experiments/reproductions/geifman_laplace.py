@@ -153,7 +153,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
                             z, [0.0, 4.0], mean_difference_points=mean, stderr_points=se, n_datasets=len(sets)))
         results["uci"][f"ntk_minus_{other}"] = {"mean": mean, "stderr": se}
         rep.text(f"NTK - {label[other]}: {mean:+.2f} ± {se:.2f} points (mean paired difference over the "
-                 f"{len(sets)} sets +- its standard error; {z:.1f} SE).")
+                 f"{len(sets)} sets ± its standard error; {z:.1f} SE).")
     results["wall_time_s"] = time.perf_counter() - t0
     rep.update(results)
     if out is not None:
