@@ -208,7 +208,8 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     rep.update(config=cfg, data=source, learning_rate={a: v[0] for a, v in lr.items()}, eta_crit_widest=eta_c,
                per_width={a: {str(w): v for w, v in res[a].items()} for a in res},
                fits={f"{a}/{k}": {"exponent": f.exponent, "stderr": f.stderr} for (a, k), f in fits.items()},
-               lr_loss={str(k): v for k, v in lr_loss.items()}, linearize_check=lin_check)
+               lr_loss={str(k): v for k, v in lr_loss.items()}, linearize_check=lin_check,
+               curves={str(w): c for w, c in curves.items()})
     if out is not None:
         rep.save(out)
     return rep
@@ -227,17 +228,27 @@ def _plt():
     return plt
 
 
+def _width_ticks(ax, widths) -> None:
+    """Ticks at the measured widths, written as plain integers (not 3 x 10^1)."""
+    import matplotlib.ticker
+
+    ax.set_xticks(list(widths))
+    ax.set_xticklabels([str(int(v)) for v in widths])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _fig_curves(curves):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (w, c), col in zip(sorted(curves.items()), ("tab:green", "tab:red")):
         ax.plot(c["steps"], c["net"], "-", color=col, label=f"network, n = {w}")
         ax.plot(c["steps"], np.asarray(c["lin"]), "--", color=col, label=f"linearization, n = {w}")
-        ax.plot(c["steps"], np.asarray(c["ntk"]), ":", color=col, lw=2, label=f"NTK prediction (f0 of n = {w})")
+        ax.plot(c["steps"], np.asarray(c["ntk"]), ":", color=col, lw=2, label=f"NTK prediction ($f_0$ of n = {w})")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-descent step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("training loss (MSE / 2, log scale)")
+    ax.set_title("ReLU, one seed: network, linearization, NTK prediction", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
@@ -251,14 +262,16 @@ def _fig_errors(widths, res, fits):
         m = [res["relu"][x][key][0] for x in widths]
         ax.errorbar(w, m, yerr=[res["relu"][x][key][1] for x in widths], fmt="o", color=col, label=lab)
         f = fits[("relu", key)]
-        ax.plot(w, f.predict(w), color=col, lw=1, label=f"fit n^{f.exponent:.2f}+-{f.stderr:.2f}")
+        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{lab}, fit: exponent {f.exponent:.2f} ± {f.stderr:.2f}")
     m0 = res["relu"][widths[0]]["lin_vs_ntk"][0]
-    ax.plot(w, m0 * (w / w[0]) ** -0.5, "k--", lw=1, label="n^-1/2")
+    ax.plot(w, m0 * (w / w[0]) ** -0.5, "k--", lw=1, label=r"$n^{-1/2}$ (Lee et al., Thm. 2.1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel("relative test-output difference")
-    ax.legend(fontsize=7)
+    _width_ticks(ax, w)
+    ax.set_xlabel("width n (log scale)")
+    ax.set_ylabel("relative test-output difference (log scale)")
+    ax.set_title("ReLU: after training, mean ± SE over seeds", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return fig
 
@@ -267,10 +280,11 @@ def _fig_lr(lr_loss, eta_c):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for fac, col in ((0.9, "tab:blue"), (1.1, "tab:red")):
-        ax.plot(lr_loss[fac], color=col, label=f"eta = {fac} eta_crit")
+        ax.plot(lr_loss[fac], color=col, label=rf"$\eta$ = {fac} $\eta_{{crit}}$ = {fac * eta_c:.3g}")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-descent step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (MSE / 2, log scale)")
+    ax.set_title(r"widest ReLU network: below and above $\eta_{crit} = 2m/\lambda_{max}(\Theta_0)$", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -284,14 +298,16 @@ def _fig_drift(widths, res, fits):
         m = [res[act][x]["drift"][0] for x in widths]
         ax.errorbar(w, m, yerr=[res[act][x]["drift"][1] for x in widths], fmt="o", color=col, label=act)
         f = fits[(act, "drift")]
-        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{act} fit n^{f.exponent:.2f}+-{f.stderr:.2f}")
+        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{act} fit: exponent {f.exponent:.2f} ± {f.stderr:.2f}")
         if act == "relu":
-            ax.plot(w, m[0] * (w / w[0]) ** -0.5, "k--", lw=1, label="n^-1/2")
-            ax.plot(w, m[0] * (w / w[0]) ** -1.0, "k:", lw=1, label="n^-1")
+            ax.plot(w, m[0] * (w / w[0]) ** -0.5, "k--", lw=1, label=r"$n^{-1/2}$ (Lee et al. bound)")
+            ax.plot(w, m[0] * (w / w[0]) ** -1.0, "k:", lw=1, label=r"$n^{-1}$ (Dyer & Gur-Ari; Geiger et al.)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel("||Theta_T - Theta_0|| / ||Theta_0||")
-    ax.legend(fontsize=7)
+    _width_ticks(ax, w)
+    ax.set_xlabel("width n (log scale)")
+    ax.set_ylabel(r"$\|\Theta_T - \Theta_0\|_F / \|\Theta_0\|_F$ (log scale)")
+    ax.set_title("relative NTK change over training, mean ± SE over seeds", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return fig
