@@ -24,7 +24,7 @@ Ours
       random phase and amplitude, 2 channels: the sine and a noisy cosine), lengths uniform in [12, 40];
       quick 60 train / 100 test, full 200 / 400;
     * ``data=`` the small JapaneseVowels slice shipped with the tests (8 sequences, 4 speakers; leave-one-out
-      SVM with C = 10, last readout, W_std 1);
+      SVM with C = 10 on the first kernel of the grid: last readout, W_std 1 (quick) / 0.5 (full));
     * full run: aeon's bundled JapaneseVowels and PickupGestureWiimoteZ (published splits; aeon is an
       optional dependency, only imported here).
 
