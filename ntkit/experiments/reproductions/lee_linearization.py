@@ -197,11 +197,7 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     rep.section("Relative NTK change vs width: ReLU and erf")
     rep.figure(_fig_drift(widths, res, fits), "ntk_change",
                "||Theta_T - Theta_0|| / ||Theta_0|| vs width (log-log), fits, and the n^-1/2 and n^-1 references.")
-    txt = []
-    for act in ("relu", "erf"):
-        f = fits[(act, "drift")]
-        txt.append(f"{act}: exponent {f.exponent:.3f} +- {f.stderr:.3f} (closer to {_nearest(f.exponent)})")
-    rep.text("Fitted exponents of the relative NTK change: " + "; ".join(txt) + ".")
+    rep.text(_rate_text(fits))
     rep.table([{"activation": a, "width": w, **{k: v[0] for k, v in res[a][w].items()},
                 **{f"{k} s.e.": v[1] for k, v in res[a][w].items()}} for a in ("relu", "erf") for w in widths],
               caption="Per activation and width: means over seeds and their standard errors.")
@@ -213,6 +209,16 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     if out is not None:
         rep.save(out)
     return rep
+
+
+def _rate_text(fits) -> str:
+    """The fitted NTK-change exponents and their distances, in standard errors, from -1/2 and -1."""
+    txt = []
+    for act in ("relu", "erf"):
+        f = fits[(act, "drift")]
+        txt.append(f"{act}: exponent {f.exponent:.3f} ± {f.stderr:.3f} ({abs(f.exponent + 0.5) / f.stderr:.1f} SE "
+                   f"from -1/2, {abs(f.exponent + 1) / f.stderr:.1f} SE from -1; closer to {_nearest(f.exponent)})")
+    return "Fitted exponents of the relative NTK change: " + "; ".join(txt) + "."
 
 
 def _nearest(b: float) -> str:
@@ -255,7 +261,7 @@ def _fig_curves(curves):
 
 def _fig_errors(widths, res, fits):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for key, lab, col in (("net_vs_lin", "network vs linearization", "tab:blue"),
                           ("lin_vs_ntk", "linearization vs NTK", "tab:orange")):
@@ -271,7 +277,7 @@ def _fig_errors(widths, res, fits):
     ax.set_xlabel("width n (log scale)")
     ax.set_ylabel("relative test-output difference (log scale)")
     ax.set_title("ReLU: after training, mean ± SE over seeds", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3, which="both")
     return fig
 
@@ -292,7 +298,7 @@ def _fig_lr(lr_loss, eta_c):
 
 def _fig_drift(widths, res, fits):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for act, col in (("relu", "tab:blue"), ("erf", "tab:purple")):
         m = [res[act][x]["drift"][0] for x in widths]
@@ -308,6 +314,6 @@ def _fig_drift(widths, res, fits):
     ax.set_xlabel("width n (log scale)")
     ax.set_ylabel(r"$\|\Theta_T - \Theta_0\|_F / \|\Theta_0\|_F$ (log scale)")
     ax.set_title("relative NTK change over training, mean ± SE over seeds", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3, which="both")
     return fig
