@@ -12,9 +12,10 @@ Ours
     The same protocol, :func:`ntkit.experiments.uci.run_uci` (grids in :mod:`ntkit.experiments.uci`): NTK,
     random forest and a trained finite ReLU network (scikit-learn MLP); the full run adds the Laplace,
     gamma-exponential and RBF SVMs. Quick: the sets under ``data`` (the three small sets shipped with the
-    tests), 50-tree forest. Full: every set under ``data`` (all 90), 500-tree forest -- about 38 minutes
-    with 2 worker processes on an otherwise idle 2-core machine (``python -m ntkit.experiments.uci`` runs
-    the same protocol resumably and in parallel).
+    tests), 50-tree forest. Full: every set under ``data`` (all 90), 500-tree forest, one process -- about
+    4500 s of CPU time on one core (the sum of the methods' times in the recorded run); ``python -m
+    ntkit.experiments.uci --jobs 2`` runs the same protocol resumably in 2 worker processes (2274 s wall on an
+    otherwise idle 2-core machine).
 
 Claims
     * the NTK is not worse than the random forest or the trained network: the mean paired accuracy
