@@ -75,6 +75,38 @@ def _final_losses(arch, x, y, *, width, seeds, lr, steps, init):
     return np.asarray(losses), np.asarray(curves), np.asarray(rec)
 
 
+def _drift_figure(widths, drift, steps, colors):
+    """The NTK drift against width with fitted power laws (``drift``: init -> widths x seeds array)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fits = {}
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    w = np.asarray(widths, dtype=float)
+    for init, d in drift.items():
+        d = np.asarray(d, dtype=float)
+        m = d.mean(1)
+        se = d.std(1, ddof=1) / math.sqrt(d.shape[1])
+        fits[init] = fit_power_law(widths, m, se)
+        ax.errorbar(widths, m, yerr=se, fmt="o", color=colors[init], label=f"{init}, mean ± SE of {d.shape[1]} "
+                    f"seeds; fit exponent {fits[init].exponent:.2f} ± {fits[init].stderr:.2f}")
+        ax.loglog(widths, fits[init].predict(widths), "-", color=colors[init], alpha=0.6)
+    ref = fits["gaussian"].predict(widths[0])
+    ax.loglog(w, ref * (w / w[0]) ** -0.5, "k:", label=r"$n^{-1/2}$ (the bound)")
+    ax.loglog(w, ref * (w / w[0]) ** -1.0, "k--", lw=0.8, label=r"$n^{-1}$")
+    ax.set_xticks(list(widths))
+    ax.set_xticklabels([str(int(v)) for v in widths])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("width n (log scale)")
+    ax.set_ylabel(r"$\|\Theta_T - \Theta_0\|_F / \|\Theta_0\|_F$ (log scale)")
+    ax.set_title(f"NTK drift after {steps} GD steps (depth 3, lr = 0.5 $\\eta_{{max}}$)", fontsize=10)
+    ax.legend(fontsize=7.5)
+    return fig, fits
+
+
 def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bool = True) -> Report:
     import matplotlib
 
@@ -119,7 +151,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
         ax.errorbar(e, mc[init].mean[iu[0], iu[1]].numpy(), yerr=mc[init].stderr[iu[0], iu[1]].numpy(), fmt="o",
                     ms=4, color=colors[init], label=f"{init} (mean of {n_mc} nets, width {width_mc})", alpha=0.8)
     lim = [e.min() * 0.95, e.max() * 1.05]
-    ax.plot(lim, lim, "k--", label="exact NTK")
+    ax.plot(lim, lim, "k--", label="y = x (exact NTK)")
     ax.set_xlabel(r"exact $\Theta(x, x')$")
     ax.set_ylabel(r"empirical $\Theta(x, x')$ at init")
     ax.set_title("same NTK limit (depth 3, erf)")
@@ -145,23 +177,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
                 train_full_batch(net, xd, yd, learning_rate=lr_d, steps=steps_d)
                 k1 = empirical_ntk(net, xd)
                 drift[init][i, j] = float((k1 - k0).norm() / k0.norm())
-    fits = {}
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for init in inits:
-        m = drift[init].mean(1)
-        se = drift[init].std(1, ddof=1) / math.sqrt(s_drift)
-        fits[init] = fit_power_law(widths, m, se)
-        ax.errorbar(widths, m, yerr=se, fmt="o", color=colors[init], label=f"{init}: exponent "
-                    f"{fits[init].exponent:.2f} ± {fits[init].stderr:.2f}")
-        ax.loglog(widths, fits[init].predict(widths), "-", color=colors[init], alpha=0.6)
-    ax.loglog(widths, fits["gaussian"].predict(widths[0]) * (np.asarray(widths) / widths[0]) ** -0.5, "k:",
-              label=r"width$^{-1/2}$")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel(r"$\|\Theta_T - \Theta_0\|_F / \|\Theta_0\|_F$")
-    ax.set_title(f"NTK drift after {steps_d} GD steps (depth 3, lr = 0.5 $\\eta_{{max}}$)")
-    ax.legend(fontsize=8)
+    fig, fits = _drift_figure(widths, drift, steps_d, colors)
     rep.section("NTK drift during training against width", "Both inits' kernels move less as the width grows, "
                 "at the same rate.")
     rep.figure(fig, "ntk_drift", "Relative change of the empirical NTK over training; lines: fitted power laws.")
@@ -197,11 +213,11 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
             _, curves, rec = res[init]
             for c in curves:
                 ax.loglog(np.maximum(rec, 0.5), np.where(np.isfinite(c), c, np.nan), color=colors[init], alpha=0.5)
-            ax.plot([], [], color=colors[init], label=init)
+            ax.plot([], [], color=colors[init], label=f"{init} (one curve per seed, {cfg['seeds']} seeds)")
         start = max(float(res[i][1][:, 0].max()) for i in inits)
         low = min(float(np.min(c[np.isfinite(c)])) for i in inits for c in res[i][1] if np.isfinite(c).any())
         ax.set_ylim(low / 3, 100 * start)
-        ax.set_xlabel("GD step")
+        ax.set_xlabel("GD step (log scale; step 0 drawn at 0.5)")
         ax.set_ylabel("training loss (MSE; diverging runs leave the top)")
         ax.set_title(f"{rname}: depth {cfg['depth']}, width {cfg['width']}, lr = {cfg['frac']} $\\eta_{{max}}$")
         ax.legend()

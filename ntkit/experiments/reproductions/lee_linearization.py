@@ -197,21 +197,28 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     rep.section("Relative NTK change vs width: ReLU and erf")
     rep.figure(_fig_drift(widths, res, fits), "ntk_change",
                "||Theta_T - Theta_0|| / ||Theta_0|| vs width (log-log), fits, and the n^-1/2 and n^-1 references.")
-    txt = []
-    for act in ("relu", "erf"):
-        f = fits[(act, "drift")]
-        txt.append(f"{act}: exponent {f.exponent:.3f} +- {f.stderr:.3f} (closer to {_nearest(f.exponent)})")
-    rep.text("Fitted exponents of the relative NTK change: " + "; ".join(txt) + ".")
+    rep.text(_rate_text(fits))
     rep.table([{"activation": a, "width": w, **{k: v[0] for k, v in res[a][w].items()},
                 **{f"{k} s.e.": v[1] for k, v in res[a][w].items()}} for a in ("relu", "erf") for w in widths],
               caption="Per activation and width: means over seeds and their standard errors.")
     rep.update(config=cfg, data=source, learning_rate={a: v[0] for a, v in lr.items()}, eta_crit_widest=eta_c,
                per_width={a: {str(w): v for w, v in res[a].items()} for a in res},
                fits={f"{a}/{k}": {"exponent": f.exponent, "stderr": f.stderr} for (a, k), f in fits.items()},
-               lr_loss={str(k): v for k, v in lr_loss.items()}, linearize_check=lin_check)
+               lr_loss={str(k): v for k, v in lr_loss.items()}, linearize_check=lin_check,
+               curves={str(w): c for w, c in curves.items()})
     if out is not None:
         rep.save(out)
     return rep
+
+
+def _rate_text(fits) -> str:
+    """The fitted NTK-change exponents and their distances, in standard errors, from -1/2 and -1."""
+    txt = []
+    for act in ("relu", "erf"):
+        f = fits[(act, "drift")]
+        txt.append(f"{act}: exponent {f.exponent:.3f} ± {f.stderr:.3f} ({abs(f.exponent + 0.5) / f.stderr:.1f} SE "
+                   f"from -1/2, {abs(f.exponent + 1) / f.stderr:.1f} SE from -1; closer to {_nearest(f.exponent)})")
+    return "Fitted exponents of the relative NTK change: " + "; ".join(txt) + "."
 
 
 def _nearest(b: float) -> str:
@@ -227,38 +234,50 @@ def _plt():
     return plt
 
 
+def _width_ticks(ax, widths) -> None:
+    """Ticks at the measured widths, written as plain integers (not 3 x 10^1)."""
+    import matplotlib.ticker
+
+    ax.set_xticks(list(widths))
+    ax.set_xticklabels([str(int(v)) for v in widths])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _fig_curves(curves):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (w, c), col in zip(sorted(curves.items()), ("tab:green", "tab:red")):
         ax.plot(c["steps"], c["net"], "-", color=col, label=f"network, n = {w}")
         ax.plot(c["steps"], np.asarray(c["lin"]), "--", color=col, label=f"linearization, n = {w}")
-        ax.plot(c["steps"], np.asarray(c["ntk"]), ":", color=col, lw=2, label=f"NTK prediction (f0 of n = {w})")
+        ax.plot(c["steps"], np.asarray(c["ntk"]), ":", color=col, lw=2, label=f"NTK prediction ($f_0$ of n = {w})")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-descent step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("training loss (MSE / 2, log scale)")
+    ax.set_title("ReLU, one seed: network, linearization, NTK prediction", fontsize=10)
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
 
 def _fig_errors(widths, res, fits):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for key, lab, col in (("net_vs_lin", "network vs linearization", "tab:blue"),
                           ("lin_vs_ntk", "linearization vs NTK", "tab:orange")):
         m = [res["relu"][x][key][0] for x in widths]
         ax.errorbar(w, m, yerr=[res["relu"][x][key][1] for x in widths], fmt="o", color=col, label=lab)
         f = fits[("relu", key)]
-        ax.plot(w, f.predict(w), color=col, lw=1, label=f"fit n^{f.exponent:.2f}+-{f.stderr:.2f}")
+        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{lab}, fit: exponent {f.exponent:.2f} ± {f.stderr:.2f}")
     m0 = res["relu"][widths[0]]["lin_vs_ntk"][0]
-    ax.plot(w, m0 * (w / w[0]) ** -0.5, "k--", lw=1, label="n^-1/2")
+    ax.plot(w, m0 * (w / w[0]) ** -0.5, "k--", lw=1, label=r"$n^{-1/2}$ (Lee et al., Thm. 2.1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel("relative test-output difference")
-    ax.legend(fontsize=7)
+    _width_ticks(ax, w)
+    ax.set_xlabel("width n (log scale)")
+    ax.set_ylabel("relative test-output difference (log scale)")
+    ax.set_title("ReLU: after training, mean ± SE over seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3, which="both")
     return fig
 
@@ -267,10 +286,11 @@ def _fig_lr(lr_loss, eta_c):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for fac, col in ((0.9, "tab:blue"), (1.1, "tab:red")):
-        ax.plot(lr_loss[fac], color=col, label=f"eta = {fac} eta_crit")
+        ax.plot(lr_loss[fac], color=col, label=rf"$\eta$ = {fac} $\eta_{{crit}}$ = {fac * eta_c:.3g}")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-descent step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (MSE / 2, log scale)")
+    ax.set_title(r"widest ReLU network: below and above $\eta_{crit} = 2m/\lambda_{max}(\Theta_0)$", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
@@ -278,20 +298,22 @@ def _fig_lr(lr_loss, eta_c):
 
 def _fig_drift(widths, res, fits):
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for act, col in (("relu", "tab:blue"), ("erf", "tab:purple")):
         m = [res[act][x]["drift"][0] for x in widths]
         ax.errorbar(w, m, yerr=[res[act][x]["drift"][1] for x in widths], fmt="o", color=col, label=act)
         f = fits[(act, "drift")]
-        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{act} fit n^{f.exponent:.2f}+-{f.stderr:.2f}")
+        ax.plot(w, f.predict(w), color=col, lw=1, label=f"{act} fit: exponent {f.exponent:.2f} ± {f.stderr:.2f}")
         if act == "relu":
-            ax.plot(w, m[0] * (w / w[0]) ** -0.5, "k--", lw=1, label="n^-1/2")
-            ax.plot(w, m[0] * (w / w[0]) ** -1.0, "k:", lw=1, label="n^-1")
+            ax.plot(w, m[0] * (w / w[0]) ** -0.5, "k--", lw=1, label=r"$n^{-1/2}$ (Lee et al. bound)")
+            ax.plot(w, m[0] * (w / w[0]) ** -1.0, "k:", lw=1, label=r"$n^{-1}$ (Dyer & Gur-Ari; Geiger et al.)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel("||Theta_T - Theta_0|| / ||Theta_0||")
-    ax.legend(fontsize=7)
+    _width_ticks(ax, w)
+    ax.set_xlabel("width n (log scale)")
+    ax.set_ylabel(r"$\|\Theta_T - \Theta_0\|_F / \|\Theta_0\|_F$ (log scale)")
+    ax.set_title("relative NTK change over training, mean ± SE over seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3, which="both")
     return fig
