@@ -31,8 +31,8 @@ What we find
 ------------
 The networks' covariance is the GP's, and their linearizations' mean is the GP mean; but the trained networks'
 mean is pulled towards the targets next to the training points, by B = 0.016, 0.013, 0.007 (widths 50, 250,
-1000; B is the signed deviation of f - f_lin towards the nearest target, averaged over the circle), up to ~0.5
-GP standard deviations within 0.1 rad of a training point. With 20 seeds this finite-width effect is resolved
+1000; B is the signed deviation of f - f_lin towards the nearest target, averaged over the circle), 0.6-0.7
+GP standard deviations at 0.05 rad from a training point. With 20 seeds this finite-width effect is resolved
 (max |z| ~ 5 at width 1000), which the paper's 10 curves per width could not show. It falls slowly with width
 (~ n^-0.3 between 50 and 1000; the ReLU network-vs-linearization gap of lee-linearization falls like n^-0.67),
 so the claim is made about it rather than about a zero difference.
