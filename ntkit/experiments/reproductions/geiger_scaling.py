@@ -453,8 +453,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                "(mean over seeds, error bars SE; circled: runs that hit the step budget). Top right: fraction of "
                "seeds that satisfy every constraint against N/P; N* is where it crosses 1/2. Bottom left: test "
                "error of single nets (mean ± SE over seeds) and of the ensemble-averaged output (± jackknife SE) "
-               "against N/N*. Bottom right: output fluctuations and excess test error (± jackknife SE) at the "
-               "largest P, with power-law fits and the predicted slopes.")
+               f"against N/N*. Bottom right: output fluctuations and excess test error (± jackknife SE) at P = {pl}, "
+               "with power-law fits over N >= 10 N* and the predicted slopes.")
     # ---------------- figure 2: N* against P
     fig2, ax = plt.subplots(figsize=(4.6, 3.4))
     pv = np.array([p for p in ps if math.isfinite(nstar[p])], float)
