@@ -22,8 +22,8 @@ Ours (scaled to a shared 2-core CPU)
     quick run uses the 256-image npz shipped with the tests), PCA (fitted on the pool) to d = 10, whitened,
     centred, norm sqrt(10); the test set is every pool image not used for training (9 488 in the full run).
     Networks with 2 hidden ReLU layers of width h (N = 10 h + h^2 + h; around our N* ~ 100-300, nets with 5
-    hidden layers would be 3-6 units wide), ``ntkit.mlp(2, h, parameterization="standard")`` with ``init="orthogonal"`` (W_std^2 = 2, zero
-    biases), float32. Each seed is trained by full-batch Adam (Kingma & Ba; as the authors) on the
+    hidden layers would be 3-6 units wide), ``ntkit.mlp(2, h, parameterization="standard")`` with
+    ``init="orthogonal"`` (W_std^2 = 2, zero biases), float32. Each seed is trained by full-batch Adam (Kingma & Ba; as the authors) on the
     quadratic hinge loss of f(w, x) - f(w_0, x) (the output at initialization subtracted, as in Geiger et
     al.'s lazy-training analysis, so that the O(1) random initial function does not mask the fluctuations
     of the trained one) with margin 1 + 10^-3 in the loss: with margin exactly 1 the last constraints
@@ -495,7 +495,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
         cusp[p] = {"h_peak": hp, "N_peak": n_weights(hp), "N_left": n_weights(hl), "N_right": n_weights(hr),
                    "err_peak": ep, "err_left": el, "err_right": er,
                    "z_cusp": min((ep - el) / math.hypot(sp, sl), (ep - er) / math.hypot(sp, sr)),
-                   "z_ens": (rp["err_ens"] - rl["err_ens"]) / max(math.hypot(rp["err_ens_se"], rl["err_ens_se"]), 1e-12),
+                   "z_ens": ((rp["err_ens"] - rl["err_ens"])
+                             / max(math.hypot(rp["err_ens_se"], rl["err_ens_se"]), 1e-12)),
                    "z_gap": rp["excess"] / max(rp["excess_se"], 1e-12),
                    "ens_peak": rp["err_ens"], "ens_left": rl["err_ens"]}
     rows = []
