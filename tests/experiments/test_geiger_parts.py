@@ -1,0 +1,89 @@
+"""Pieces of the geiger-scaling reproduction: the batched hinge trainer's stopping rule and independence of
+the stacked nets, N* from the satisfied fraction, and the jackknife ensemble statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ntkit.experiments.reproductions import geiger_scaling as g
+
+
+def _data(p, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, g.D, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True) * math.sqrt(g.D)
+    y = torch.where(torch.randn(p, generator=gen) > 0, 1.0, -1.0)
+    return x, y
+
+
+def _nets(h, seeds):
+    return [(w.detach().float(), b.detach().float()) for w, b in g._batched_init(h, seeds)]
+
+
+def test_stopping_rule_and_independence(single_thread):
+    """A 'satisfied' net satisfies every constraint exactly at its returned weights; a wide net fits, a width-1
+    net on 48 random labels cannot (N = 12 < 48 constraints); each net of a stack ends exactly where it ends
+    when trained alone (stopped nets leave the batch, so the others do not move them)."""
+    x, y = _data(48)
+    xs = torch.stack([x, x, x])
+    ys = torch.stack([y, y, y])
+    ms = torch.ones(3, 48)
+    ms[2, 24:] = 0  # the third net sees only its first 24 points
+    layers = _nets(32, [1, 2, 3])
+    with torch.no_grad():
+        f0 = g._forward(layers, xs)
+    tr = g.train_hinge(layers, xs, ys, f0=f0, mask=ms, max_steps=3000)
+    assert tr["status"] == [g.SATISFIED] * 3, tr
+    with torch.no_grad():
+        margin = ys * (g._forward(layers, xs) - f0)
+    assert bool((margin[:2] >= 1).all()) and bool((margin[2, :24] >= 1).all())
+    assert tr["steps"][2] < tr["steps"][0]  # fewer constraints, fitted sooner
+    # alone: the same net, the same data, the same steps
+    for s in range(3):
+        alone = _nets(32, [s + 1])
+        p = 48 if s < 2 else 24
+        with torch.no_grad():
+            f0a = g._forward(alone, x[:p])
+        tra = g.train_hinge(alone, x[:p], y[:p], f0=f0a, max_steps=3000)
+        assert tra["steps"][0] == tr["steps"][s]
+        for (wa, ba), (w, b) in zip(alone, layers):
+            torch.testing.assert_close(wa[0], w[s], rtol=1e-4, atol=1e-5)
+    narrow = _nets(1, [0, 1])
+    with torch.no_grad():
+        f0n = g._forward(narrow, x)
+    trn = g.train_hinge(narrow, x, y, f0=f0n, max_steps=3000)
+    assert all(s != g.SATISFIED for s in trn["status"]) and (trn["n_delta"] > 0).all()
+    with torch.no_grad():
+        assert ((y * (g._forward(narrow, x) - f0n) < 1).sum(1).numpy() == trn["n_delta"]).all()
+
+
+def test_locate_nstar():
+    n = np.array([10.0, 20.0, 40.0, 80.0])
+    assert g.locate_nstar(n, np.array([0.0, 0.2, 0.8, 1.0])) == pytest.approx(20 * 2 ** 0.5)
+    assert g.locate_nstar(n, np.array([0.0, 0.6, 0.4, 1.0])) == pytest.approx(40 * 2 ** (1 / 6))  # the last crossing
+    assert math.isnan(g.locate_nstar(n, np.array([0.6, 0.7, 0.8, 1.0])))  # no jammed width on the grid
+    assert math.isnan(g.locate_nstar(n, np.array([0.0, 0.1, 0.2, 0.4])))  # never reaches 1/2
+
+
+def test_ensemble_statistics_against_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    s, n = 8, 500
+    y = torch.where(torch.randn(n, generator=gen) > 0, 1.0, -1.0)
+    f = 0.8 * y + 0.7 * torch.randn(s, n, generator=gen)
+    st = g.ensemble_statistics(f, y)
+    fb = f.mean(0)
+    fl = float(np.mean([float((f[i] - fb).pow(2).mean().sqrt()) for i in range(s)])) * math.sqrt(s / (s - 1))
+    assert st["fluct"] == pytest.approx(fl, rel=1e-6)
+    # i.i.d. noise of sd 0.7: ||f - fbar|| estimates 0.7 (the sqrt(S/(S-1)) correction), within 5 SE
+    assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"] + 0.01
+    err = [float((torch.sign(f[i]) != y).double().mean()) for i in range(s)]
+    assert st["err"] == pytest.approx(err)
+    ens = float((torch.sign(fb) != y).double().mean())
+    assert st["excess"] == pytest.approx(np.mean(err) - ens)
+    loo = [float((torch.sign(f[[j for j in range(s) if j != i]].mean(0)) != y).double().mean()) for i in range(s)]
+    se = math.sqrt((s - 1) / s * np.sum((np.array(loo) - np.mean(loo)) ** 2))
+    assert st["err_ens_se"] == pytest.approx(se)
