@@ -43,7 +43,7 @@ def auto_fuse(fused: bool | None, pairs: int, per_pair: int) -> bool:
     return per_pair > 1 and pairs * per_pair >= FUSE_MIN_NUMBERS
 
 
-def abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
+def abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None):
     """The arc-cosine dual of phi = a min(x, 0) + b max(x, 0) as one elementwise expression
     (Cho & Saul 2009; see :class:`~ntkit.ABRelu`): with rho = clamp(Sigma r1 r2, -1, 1),
     theta = arccos(rho) and D = d0 - k theta,
@@ -53,8 +53,14 @@ def abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
     ``r1 = (1 + 4 eps) / sqrt(q1)``, ``r2 = 1 / sqrt(q2)``, ``s1k = k sqrt(q1)``, ``s2 = sqrt(q2)`` are
     the per-position factors (small tensors that broadcast against ``cov``), formed as in the eager
     path so that self-correlations are snapped to exactly 1. ``ntk=None``: returns D in its place.
+    ``i1``, ``i2``: optional index vectors; the factors of pair m are then ``r1[i1[m]]`` etc. (a symmetric
+    tile: the factors are formed once per input, the gather happens inside the fused loop).
     Pure torch: runs eagerly as it is, or compiled into one loop by :func:`abrelu_dual`.
     """
+    if i1 is not None:
+        r1, s1k = r1[i1], s1k[i1]
+    if i2 is not None:
+        r2, s2 = r2[i2], s2[i2]
     rho = torch.clamp(cov * r1 * r2, -1.0, 1.0)
     dmat = d0 - k * torch.acos(rho)
     out = torch.sqrt(1.0 - rho * rho) * s1k * s2 + dmat * cov
@@ -68,19 +74,19 @@ def _compiled_fn(name, fn):
     return f
 
 
-def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
+def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None):
     """:func:`abrelu_dual_math`, compiled (one pass; inputs made contiguous-friendly by the caller), or
     eager when compilation is unavailable or failed once in this process."""
-    key = ("abrelu", cov.dtype, cov.device.type, ntk is None)
+    key = ("abrelu", cov.dtype, cov.device.type, ntk is None, i1 is None, i2 is None)
     if compile_available() and key not in _failed:
         try:
-            return _compiled_fn(key, abrelu_dual_math)(cov, ntk, r1, r2, s1k, s2, d0, k)
+            return _compiled_fn(key, abrelu_dual_math)(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
         except Exception as err:  # no compiler, unsupported device, ...: the eager expression is the same
             _failed.add(key)
             warnings.warn(f"ntkit: compiling the fused arc-cosine kernel failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
                           RuntimeWarning, stacklevel=2)
-    return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k)
+    return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
 
 
 _PI = math.pi

@@ -137,6 +137,18 @@ class KernelState:
                     _expand_diagonal(self.var2, self, first=False, index=r2))
         return _expand_diagonal(self.var1, self, first=True), _expand_diagonal(self.var2, self, first=False)
 
+    def marginal_parts(self):
+        """``(q1, i1, q2, i2)``: the per-position variances as :meth:`marginals` gives them are ``q1[i1]``,
+        ``q2[i2]`` -- for a symmetric tile (``pairs``) ``q`` holds the b inputs' own variances and ``i`` the
+        pair index vectors (so per-position factors can be formed on b rows instead of b (b + 1) / 2 pairs);
+        otherwise ``i1 = i2 = None`` and ``q1, q2`` are :meth:`marginals`."""
+        if self.pairs is None or not self.tied or self.pixel_pairs:  # pixel pairs: the factors are small anyway
+            q1, q2 = self.marginals()
+            return q1, None, q2, None
+        r1, r2, b = self.pairs
+        own = self.nngp[:b]
+        return own, r1, own, r2
+
     def self_marginals(self, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q(p), q(p')) of one input, shaped to broadcast against its own pixel-pair kernel ``var``."""
         return _expand_diagonal(var, self, first=True), _expand_diagonal(var, self, first=False)

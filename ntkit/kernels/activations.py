@@ -103,11 +103,14 @@ class Activation(Layer):
                 f"activation {self.layer_name!r} must act on Gaussian pre-activations: put a Dense layer "
                 "(or a residual sum of Dense outputs) before it, not the raw input or another activation."
             )
-        q1, q2 = k.marginals()  # per-position variances: pointwise on images too
-        fused = self._fused_dual(k.nngp, k.ntk, q1, q2) if getattr(ctx, "fused", False) else None
+        fused = None
+        if getattr(ctx, "fused", False):
+            q1, i1, q2, i2 = k.marginal_parts()
+            fused = self._fused_dual(k.nngp, k.ntk, q1, q2, i1, i2)
         if fused is not None:
             nngp, ntk = fused
         else:
+            q1, q2 = k.marginals()  # per-position variances: pointwise on images too
             nngp, dot = self.dual(k.nngp, q1, q2, derivative=k.ntk is not None)
             if k.ntk is None:
                 ntk = None
@@ -124,9 +127,10 @@ class Activation(Layer):
             self_fn = self.variance
         return k.update(nngp, ntk, self_fn, gaussian=False, fresh=False)
 
-    def _fused_dual(self, cov, ntk, var1, var2):
+    def _fused_dual(self, cov, ntk, var1, var2, i1=None, i2=None):
         """``(Sigma', Theta')`` from a fused (compiled) pass, or None where this activation has none or the
-        inputs need the eager path's special cases."""
+        inputs need the eager path's special cases. The variances are ``var1[i1]``, ``var2[i2]`` (no
+        gather where an index is None)."""
         return None
 
     def build_module(self, in_features, ctx):
@@ -193,7 +197,7 @@ class ABRelu(Activation):
     def variance(self, var):
         return (self.a**2 + self.b**2) / 2 * var
 
-    def _fused_dual(self, cov, ntk, var1, var2):
+    def _fused_dual(self, cov, ntk, var1, var2, i1=None, i2=None):
         # one compiled pass for the whole dual (ntkit.kernels._fused); the eager special cases (linear phi,
         # a zero variance, Theta still a constant) stay on the eager path
         a, b = float(self.a), float(self.b)
@@ -205,7 +209,7 @@ class ABRelu(Activation):
         s1, s2 = torch.sqrt(var1), torch.sqrt(var2)
         eps = torch.finfo(cov.dtype).eps
         return _fused.abrelu_dual(cov, ntk, (1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * k, s2,
-                                  (a * a + b * b) / 2, k)
+                                  (a * a + b * b) / 2, k, i1, i2)
 
     def to_config(self):
         return {"layer": "abrelu", "a": self.a, "b": self.b}
