@@ -70,11 +70,12 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
     t0 = time.perf_counter()
     arch.kernel(x, dtype=dt, memory_budget=budget, fused=fused)  # warm-up (compiles when fused)
     first = time.perf_counter() - t0
-    times, cross = [], []
+    times, cross, cpu = [], [], []
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         k = arch.kernel(x, dtype=dt, memory_budget=budget, fused=fused)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     for _ in range(3):
         t0 = time.perf_counter()
         arch.kernel(x, x_other, dtype=dt, memory_budget=budget, fused=fused)
@@ -86,6 +87,7 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
             "fused": fused, "seconds": round(med, 6), "seconds_per_entry": med / n**2,
             "all_seconds": [round(t, 4) for t in times], "first_call_seconds": round(first, 3),
             "cross_seconds_per_entry": statistics.median(cross) / n**2,
+            "cpu_seconds_per_entry": statistics.median(cpu) / n**2,  # the process's CPU time: robust to load
             "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": threads}
 
 
@@ -183,15 +185,16 @@ def mnist_gram(args):
 
 def table(rows):
     """A compact markdown table of the side-by-side measurements."""
-    lines = ["| readout | dtype | N | ntkit path | ntkit s/entry kernel(x) | ntkit s/entry kernel(x, x') | "
-             "first call s | neural-tangents s/entry | speed-up kernel(x) | speed-up kernel(x, x') | "
-             "max rel diff NNGP / NTK |", "|" + " --- |" * 11]
+    lines = ["| readout | dtype | N | ntkit path | ntkit s/entry kernel(x) | ntkit CPU s/entry kernel(x) | "
+             "ntkit s/entry kernel(x, x') | first call s | neural-tangents s/entry | speed-up kernel(x) | "
+             "speed-up kernel(x, x') | max rel diff NNGP / NTK |", "|" + " --- |" * 12]
     for r in rows:
         m, ref = r["ntkit"], r.get("nt")
         nt = ref["seconds_per_entry"] if ref else float("nan")
         diff = r.get("diff", {})
         lines.append(f"| {m['readout']} | {m['dtype']} | {m['n']} | {'fused' if m['fused'] else 'eager'} | "
-                     f"{m['seconds_per_entry']:.3g} | {m['cross_seconds_per_entry']:.3g} | {m['first_call_seconds']:.3g} | "
+                     f"{m['seconds_per_entry']:.3g} | {m.get('cpu_seconds_per_entry', float('nan')):.3g} | "
+                     f"{m['cross_seconds_per_entry']:.3g} | {m['first_call_seconds']:.3g} | "
                      f"{nt:.3g} | {nt / m['seconds_per_entry']:.2f}x | {nt / m['cross_seconds_per_entry']:.2f}x | "
                      f"{diff.get('nngp', float('nan')):.1e} / {diff.get('ntk', float('nan')):.1e} |")
     return "\n".join(lines)

@@ -31,6 +31,9 @@ ARCHS = {
     "gap-erf-avgpool": lambda: _cnn("gap", ntkit.Erf(), (ntkit.AvgPool((2, 2), padding="SAME"),)),
     "flatten-abrelu-layernorm": lambda: ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.2, b_std=0.3), ntkit.LayerNorm(),
                                                      ntkit.ABRelu(-0.3, 1.1), ntkit.Flatten(), ntkit.Dense(1)),
+    "gap-dense-relu-dense": lambda: ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.2, b_std=0.1), ntkit.Relu(),
+                                                 ntkit.GlobalAvgPool(), ntkit.Dense(16, 1.3, 0.2), ntkit.Relu(),
+                                                 ntkit.Dense(1)),
     "residual-gap": lambda: ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.2, b_std=0.1), ntkit.Relu(),
                                          ntkit.residual(ntkit.Conv(4, (3, 3), W_std=1.1), ntkit.Relu(),
                                                         ntkit.Conv(4, (3, 3), W_std=1.1)),
@@ -122,7 +125,8 @@ def test_fused_expression_equals_the_eager_dual(ab):
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize("name", ["gap-relu", "flatten-relu", "flatten-abrelu-layernorm", "residual-gap"])
+@pytest.mark.parametrize("name", ["gap-relu", "flatten-relu", "flatten-abrelu-layernorm", "residual-gap",
+                                  "gap-dense-relu-dense"])
 def test_fused_path_equals_eager_without_compiler(name, images, monkeypatch):
     # the whole fused plumbing (marginal factors, index vectors, self-kernels) with the expression run eagerly
     monkeypatch.setenv("NTKIT_NO_COMPILE", "1")
