@@ -13,7 +13,6 @@ is the same up to rounding, never different.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -88,5 +87,3 @@ def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None
                           RuntimeWarning, stacklevel=2)
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
 
-
-_PI = math.pi
