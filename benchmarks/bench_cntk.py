@@ -18,7 +18,8 @@ Usage (from the repository root):
     NT=$(bash ../shared/tools/neural_tangents/setup.sh | tail -n 1)
     .venv/bin/python benchmarks/bench_cntk.py --nt "$NT" [--skip-nt] [--mnist-train 1000 --mnist-test 1000]
 
-Prints one JSON line per measurement.
+Prints one JSON line per measurement and a compact markdown table; the MNIST kernels print one progress line
+per block of rows (--mnist-strip) and are saved with --save.
 """
 
 from __future__ import annotations
@@ -51,32 +52,48 @@ def cnn(depth: int, readout: str):
     return ntkit.serial(*layers)
 
 
-def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save):
-    """Runs in a fresh subprocess: time ntkit on the benchmark inputs and report its peak memory."""
+def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
+    """Runs in a fresh subprocess: time ntkit on the benchmark inputs and report its peak memory.
+
+    kernel(x) of x with itself (as neural-tangents' bench.py times it; ntkit computes only the pairs
+    i <= j of a symmetric Gram), and the cross kernel kernel(x, x') with x' another draw (all n^2 pairs)."""
     import torch
 
     threads = int(os.environ.get("BENCH_CNTK_THREADS", "1"))
     torch.set_num_threads(threads)
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
     arch = cnn(depth, readout)
-    x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(np.float32 if dtype == "float32" else None)
+    npdt = np.float32 if dtype == "float32" else None
+    x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(npdt)
+    x_other = np.random.default_rng(1).standard_normal((n, h, w, c)).astype(npdt)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    arch.kernel(x, dtype=dt, memory_budget=budget)  # warm-up
-    times = []
+    t0 = time.perf_counter()
+    arch.kernel(x, dtype=dt, memory_budget=budget, fused=fused)  # warm-up (compiles when fused)
+    first = time.perf_counter() - t0
+    times, cross, cpu = [], [], []
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
+        k = arch.kernel(x, dtype=dt, memory_budget=budget, fused=fused)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     for _ in range(3):
         t0 = time.perf_counter()
-        k = arch.kernel(x, dtype=dt, memory_budget=budget)
-        times.append(time.perf_counter() - t0)
+        arch.kernel(x, x_other, dtype=dt, memory_budget=budget, fused=fused)
+        cross.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     np.savez(save, nngp=k.nngp.double().numpy(), ntk=k.ntk.double().numpy())
     med = statistics.median(times)
     return {"lib": "ntkit", "readout": readout, "n": n, "shape": [h, w, c], "depth": depth, "dtype": dtype,
-            "seconds": round(med, 6), "seconds_per_entry": med / n**2, "all_seconds": [round(t, 4) for t in times],
+            "fused": fused, "seconds": round(med, 6), "seconds_per_entry": med / n**2,
+            "all_seconds": [round(t, 4) for t in times], "first_call_seconds": round(first, 3),
+            "cross_seconds_per_entry": statistics.median(cross) / n**2,
+            "cpu_seconds_per_entry": statistics.median(cpu) / n**2,  # the process's CPU time: robust to load
             "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": threads}
 
 
-def run_ntkit(args, n, readout, dtype, save):
-    cmd = [sys.executable, __file__, "--one", json.dumps([n, 28, 28, 1, args.depth, readout, dtype, args.budget, save])]
+def run_ntkit(args, n, readout, dtype, save, fused=False):
+    cmd = [sys.executable, __file__, "--one",
+           json.dumps([n, 28, 28, 1, args.depth, readout, dtype, args.budget, save, fused])]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise RuntimeError(out.stderr)
@@ -97,10 +114,41 @@ def compare(a_path, b_path):
     return {k: float(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max()) for k in ("nngp", "ntk")}
 
 
+def _gram_with_progress(arch, xa, xb, dt, budget, strip, label, log):
+    """The kernel of xa with xb (xb None: the symmetric Gram of xa), computed in strips of ``strip`` rows
+    (symmetric: strip x strip blocks on and above the diagonal, mirrored), printing one progress line per
+    block: pairs done, elapsed seconds, estimated remaining seconds."""
+    import torch
+
+    same = xb is None
+    xb = xa if same else xb
+    n1, n2 = len(xa), len(xb)
+    out = torch.empty((n1, n2), dtype=dt)
+    blocks = [(i0, j0) for i0 in range(0, n1, strip) for j0 in range(i0 if same else 0, n2, strip)]
+    total = n1 * (n1 + 1) // 2 if same else n1 * n2
+    done, t0 = 0, time.perf_counter()
+    for i0, j0 in blocks:
+        i1, j1 = min(i0 + strip, n1), min(j0 + strip, n2)
+        if same and i0 == j0:
+            k = arch.kernel(xa[i0:i1], get="ntk", dtype=dt, memory_budget=budget, fused=True, progress=False)
+            done += (i1 - i0) * (i1 - i0 + 1) // 2
+        else:
+            k = arch.kernel(xa[i0:i1], xb[j0:j1], get="ntk", dtype=dt, memory_budget=budget, fused=True,
+                            progress=False)
+            done += (i1 - i0) * (j1 - j0)
+        out[i0:i1, j0:j1] = k
+        if same and i0 != j0:
+            out[j0:j1, i0:i1] = k.T
+        el = time.perf_counter() - t0
+        print(json.dumps({"progress": label, "pairs_done": done, "pairs_total": total, "elapsed_s": round(el, 1),
+                          "s_per_pair": round(el / done, 6), "eta_s": round(el / done * (total - done), 1),
+                          "utc": time.strftime("%H:%M:%S", time.gmtime())}), file=log, flush=True)
+    return out
+
+
 def mnist_gram(args):
     import torch
 
-    import ntkit
     from ntkit.dynamics import gradient_descent_mse
     from ntkit.experiments.data import load_mnist
 
@@ -113,21 +161,43 @@ def mnist_gram(args):
     arch = cnn(args.depth, "gap")
     dt = torch.float32 if args.mnist_dtype == "float32" else torch.float64
     t0 = time.perf_counter()
-    k_tt = arch.kernel(xtr, get="ntk", dtype=dt, memory_budget=args.budget)
+    k_tt = _gram_with_progress(arch, xtr, None, dt, args.budget, args.mnist_strip, "train x train", sys.stdout)
     t_gram = time.perf_counter() - t0
+    if args.save:
+        np.savez(args.save, k_train_train=k_tt.numpy(), y_train=ytr, x_train=xtr, y_test=yte, x_test=xte)
     t0 = time.perf_counter()
-    k_st = arch.kernel(xte, xtr, get="ntk", dtype=dt, memory_budget=args.budget)
+    k_st = _gram_with_progress(arch, xte, xtr, dt, args.budget, args.mnist_strip, "test x train", sys.stdout)
     t_cross = time.perf_counter() - t0
     onehot = np.eye(10)[ytr] - 0.1
     pred = gradient_descent_mse(k_tt.double(), onehot, diag_reg=1e-4).predict(float("inf"), k_st.double())
     acc = float((np.asarray(pred.test).reshape(len(yte), 10).argmax(1) == yte).mean())
+    if args.save:
+        np.savez(args.save, k_train_train=k_tt.numpy(), k_test_train=k_st.numpy(), y_train=ytr, y_test=yte,
+                 x_train=xtr, x_test=xte)
     n = args.mnist_train
-    per_entry = t_gram / (n * (n + 1) / 2)  # symmetric: the upper triangle of tiles is computed
-    return {"lib": "ntkit", "kind": "mnist_cntk_gap_14x14", "dtype": args.mnist_dtype, "n_train": n,
-            "n_test": len(yte), "gram_seconds": round(t_gram, 2), "cross_seconds": round(t_cross, 2),
-            "seconds_per_unique_entry": per_entry,
-            "extrapolated_1000x1000_gram_seconds": round(per_entry * 1000 * 1001 / 2, 1),
-            "kernel_regression_test_accuracy": acc, "threads": 1, "memory_budget": args.budget}
+    per_entry = t_gram / (n * (n + 1) / 2)  # symmetric: the pairs i <= j are computed
+    return {"lib": "ntkit", "kind": "mnist_cntk_gap_14x14", "kernel": "ntk", "dtype": args.mnist_dtype,
+            "n_train": n, "n_test": len(yte), "gram_seconds": round(t_gram, 2), "cross_seconds": round(t_cross, 2),
+            "seconds_per_unique_entry": per_entry, "cross_seconds_per_entry": t_cross / (n * len(yte)),
+            "kernel_regression_test_accuracy": acc, "threads": 1, "memory_budget": args.budget, "fused": True,
+            "saved": args.save}
+
+
+def table(rows):
+    """A compact markdown table of the side-by-side measurements."""
+    lines = ["| readout | dtype | N | ntkit path | ntkit s/entry kernel(x) | ntkit CPU s/entry kernel(x) | "
+             "ntkit s/entry kernel(x, x') | first call s | neural-tangents s/entry | speed-up kernel(x) | "
+             "speed-up kernel(x, x') | max rel diff NNGP / NTK |", "|" + " --- |" * 12]
+    for r in rows:
+        m, ref = r["ntkit"], r.get("nt")
+        nt = ref["seconds_per_entry"] if ref else float("nan")
+        diff = r.get("diff", {})
+        lines.append(f"| {m['readout']} | {m['dtype']} | {m['n']} | {'fused' if m['fused'] else 'eager'} | "
+                     f"{m['seconds_per_entry']:.3g} | {m.get('cpu_seconds_per_entry', float('nan')):.3g} | "
+                     f"{m['cross_seconds_per_entry']:.3g} | {m['first_call_seconds']:.3g} | "
+                     f"{nt:.3g} | {nt / m['seconds_per_entry']:.2f}x | {nt / m['cross_seconds_per_entry']:.2f}x | "
+                     f"{diff.get('nngp', float('nan')):.1e} / {diff.get('ntk', float('nan')):.1e} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -147,6 +217,10 @@ def main():
     ap.add_argument("--skip-mnist", action="store_true")
     ap.add_argument("--only-mnist", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for ntkit's CNTK runs (default 1)")
+    ap.add_argument("--fused", choices=("both", "on", "off"), default="both",
+                    help="time ntkit with fused=False, fused=True or both (default)")
+    ap.add_argument("--mnist-strip", type=int, default=100, help="rows per progress block of the MNIST kernels")
+    ap.add_argument("--save", help="save the MNIST train Gram, test x train kernel, inputs and labels to this .npz")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["BENCH_CNTK_THREADS"] = str(args.threads)  # read by the --one subprocesses
@@ -154,19 +228,26 @@ def main():
         print(json.dumps(one_ntkit(*json.loads(args.one))))
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench_cntk_"))
+    rows = []
     if not args.only_mnist:
         for readout, n in (("gap", args.n_gap), ("flatten", args.n_flatten)):
             for dtype in args.dtypes.split(","):
-                mine = run_ntkit(args, n, readout, dtype, str(tmp / f"ntkit_{readout}_{dtype}.npz"))
-                print(json.dumps(mine), flush=True)
-                if args.skip_nt or not args.nt:
-                    continue
-                ref = run_nt(args, n, readout, dtype, str(tmp / f"nt_{readout}_{dtype}.npz"))
-                print(json.dumps(ref), flush=True)
-                print(json.dumps({"readout": readout, "dtype": dtype, "n": n,
-                                  "speedup_per_entry": ref["seconds_per_entry"] / mine["seconds_per_entry"],
-                                  "max_rel_diff_vs_nt": compare(tmp / f"ntkit_{readout}_{dtype}.npz",
-                                                                tmp / f"nt_{readout}_{dtype}.npz")}), flush=True)
+                ref = None
+                if not (args.skip_nt or not args.nt):
+                    ref = run_nt(args, n, readout, dtype, str(tmp / f"nt_{readout}_{dtype}.npz"))
+                    print(json.dumps(ref), flush=True)
+                for fused in {"both": (False, True), "on": (True,), "off": (False,)}[args.fused]:
+                    save = str(tmp / f"ntkit_{readout}_{dtype}_{fused}.npz")
+                    mine = run_ntkit(args, n, readout, dtype, save, fused)
+                    print(json.dumps(mine), flush=True)
+                    row = {"ntkit": mine, "nt": ref}
+                    if ref is not None:
+                        row["diff"] = compare(save, tmp / f"nt_{readout}_{dtype}.npz")
+                        print(json.dumps({"readout": readout, "dtype": dtype, "n": n, "fused": fused,
+                                          "speedup_per_entry": ref["seconds_per_entry"] / mine["seconds_per_entry"],
+                                          "max_rel_diff_vs_nt": row["diff"]}), flush=True)
+                    rows.append(row)
+        print(table(rows), flush=True)
     if not args.skip_mnist:
         print(json.dumps(mnist_gram(args)), flush=True)
 

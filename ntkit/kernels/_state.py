@@ -68,6 +68,13 @@ class KernelState:
     tied : bool
         ``var1``/``var2`` are views of the diagonal pairs (x_i, x_i) of ``nngp`` (a tile of inputs with
         themselves); layers then update them through :meth:`update` for free.
+    pairs : tuple or None
+        Symmetric tiles (pairwise mode, ``tied=True``): ``(r1, r2, b)`` -- the pairs of a tile of b inputs
+        with themselves listed once each, i <= j, as index vectors ``r1 = i``, ``r2 = j`` into the tile, with
+        the b self pairs (i, i) first. The pair (j, i) is never computed: its kernels are those of (i, j)
+        (its position-pair covariances are the transpose). ``var1``/``var2`` are then gathered from the
+        first b entries of ``nngp`` (for pixel pairs they *are* those b self-kernels, ``(b, *spatial)``,
+        and :meth:`marginals` gathers their diagonals, which is all a pointwise layer needs).
     """
 
     nngp: torch.Tensor
@@ -81,6 +88,7 @@ class KernelState:
     shape: tuple = ()
     pixel_pairs: bool = False
     tied: bool = False
+    pairs: tuple | None = None
 
     def replace(self, **changes) -> "KernelState":
         return replace(self, **changes)
@@ -93,7 +101,8 @@ class KernelState:
         ``self_fn`` is not called: the tile costs b^2 pairs instead of b^2 + 2 b.
         """
         if self.tied:
-            return self.replace(nngp=nngp, ntk=ntk, **changes, **_tied_vars(nngp, self.batch_ndim == 1))
+            new = self.replace(nngp=nngp, ntk=ntk, **changes)
+            return new.replace(**_tied_vars(nngp, self.batch_ndim == 1, new.pairs, new.pixel_pairs))
         v1 = self_fn(self.var1)
         v2 = v1 if self.var2 is self.var1 else self_fn(self.var2)
         return self.replace(nngp=nngp, ntk=ntk, var1=v1, var2=v2, **changes)
@@ -122,7 +131,23 @@ class KernelState:
         """
         if not self.pixel_pairs:
             return self.var1, self.var2
+        if self.pairs is not None:  # var1 = var2 = the b self-kernels; gather their diagonals per pair
+            r1, r2, _ = self.pairs
+            return (_expand_diagonal(self.var1, self, first=True, index=r1),
+                    _expand_diagonal(self.var2, self, first=False, index=r2))
         return _expand_diagonal(self.var1, self, first=True), _expand_diagonal(self.var2, self, first=False)
+
+    def marginal_parts(self):
+        """``(q1, i1, q2, i2)``: the per-position variances as :meth:`marginals` gives them are ``q1[i1]``,
+        ``q2[i2]`` -- for a symmetric tile (``pairs``) ``q`` holds the b inputs' own variances and ``i`` the
+        pair index vectors (so per-position factors can be formed on b rows instead of b (b + 1) / 2 pairs);
+        otherwise ``i1 = i2 = None`` and ``q1, q2`` are :meth:`marginals`."""
+        if self.pairs is None or not self.tied or self.pixel_pairs:  # pixel pairs: the factors are small anyway
+            q1, q2 = self.marginals()
+            return q1, None, q2, None
+        r1, r2, b = self.pairs
+        own = self.nngp[:b]
+        return own, r1, own, r2
 
     def self_marginals(self, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q(p), q(p')) of one input, shaped to broadcast against its own pixel-pair kernel ``var``."""
@@ -139,8 +164,10 @@ def to_diagonal(t, k: KernelState):
     return t
 
 
-def _expand_diagonal(var: torch.Tensor, k: KernelState, first: bool) -> torch.Tensor:
+def _expand_diagonal(var: torch.Tensor, k: KernelState, first: bool, index=None) -> torch.Tensor:
     d = to_diagonal(var, k)  # (..., H, W) -> (..., H, W, 1, 1) (positions p) or (..., 1, 1, H, W) (p')
+    if index is not None:
+        d = d[index]
     for _ in k.shape:
         d = d.unsqueeze(-1) if first else d.unsqueeze(k.batch_ndim)
     return d
@@ -159,7 +186,13 @@ def scratch(shape, like: torch.Tensor) -> torch.Tensor:
     return empty_output(tuple(shape), like.dtype, like.device, min_bytes=_SCRATCH_MIN_BYTES)
 
 
-def _tied_vars(nngp: torch.Tensor, pairwise: bool) -> dict:
+def _tied_vars(nngp: torch.Tensor, pairwise: bool, pairs=None, pixel_pairs=False) -> dict:
+    if pairs is not None:
+        r1, r2, b = pairs
+        own = nngp[:b]  # the self pairs (i, i) come first
+        if pixel_pairs:  # gathered lazily (diagonals only) by KernelState.marginals
+            return {"var1": own, "var2": own}
+        return {"var1": own[r1], "var2": own[r2]}
     if pairwise:
         return {"var1": nngp, "var2": nngp}
     d = torch.diagonal(nngp, 0, 0, 1).movedim(-1, 0)
@@ -179,7 +212,7 @@ _LETTERS = "hwlHWL"
 
 
 def input_state(a: torch.Tensor, b: torch.Tensor | None, *, pairwise: bool, pixel_pairs: bool, need_ntk: bool,
-                width: int) -> KernelState:
+                width: int, pairs: tuple | None = None) -> KernelState:
     """The kernel state of the raw inputs for one tile: Sigma0(x, x') = x . x' / d (flat, ``a`` of shape
     ``(b1, d)``) or Sigma0(x, x'; p, p') = sum_c x_c(p) x'_c(p') / C (spatial, ``a`` of shape
     ``(b1, *size, C)``, channels last), Theta0 = 0.
@@ -187,7 +220,21 @@ def input_state(a: torch.Tensor, b: torch.Tensor | None, *, pairwise: bool, pixe
     ``a`` and ``b`` are already scaled by 1 / sqrt(d) resp. 1 / sqrt(C); ``b=None`` means the tile pairs
     ``a`` with itself (then Sigma(x, x) on the diagonal equals the variance exactly). ``pairwise`` pairs
     row i of ``a`` with row i of ``b`` (batch axes ``(b,)``) instead of all rows with all rows.
+    ``pairs=(r1, r2, n)`` (with ``b=None``): a symmetric tile, the pairs (a[r1[k]], a[r2[k]]), i <= j, the
+    n self pairs first (see :class:`KernelState`, ``pairs``); pairwise batch axes ``(len(r1),)``.
     """
+    if pairs is not None:
+        r1, r2, _ = pairs
+        nd = a.ndim - 2
+        p, q = _LETTERS[:nd], _LETTERS[3:3 + nd]
+        if nd and pixel_pairs:
+            nngp = torch.einsum(f"i{p}c,i{q}c->i{p}{q}", a[r1], a[r2]).contiguous()
+        else:  # all b^2 products in one batched matrix product (cheap here), then the pairs i <= j
+            nngp = torch.einsum(f"i{p}c,j{p}c->ij{p}", a, a)[r1, r2].contiguous()
+        st = KernelState(nngp=nngp, ntk=0.0 if need_ntk else None, var1=nngp, var2=nngp, width=width,
+                         gaussian=False, shape=tuple(a.shape[1:-1]), pixel_pairs=pixel_pairs and nd > 0, tied=True,
+                         pairs=pairs)
+        return st.replace(**_tied_vars(nngp, True, pairs, st.pixel_pairs))
     same = b is None
     b = a if same else b
     nd = a.ndim - 2

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._validation import ConfigError
+from . import _fused
 from ._state import KernelState, scratch
 from .layers import Layer
 
@@ -102,19 +103,35 @@ class Activation(Layer):
                 f"activation {self.layer_name!r} must act on Gaussian pre-activations: put a Dense layer "
                 "(or a residual sum of Dense outputs) before it, not the raw input or another activation."
             )
-        q1, q2 = k.marginals()  # per-position variances: pointwise on images too
-        nngp, dot = self.dual(k.nngp, q1, q2, derivative=k.ntk is not None)
-        if k.ntk is None:
-            ntk = None
-        elif isinstance(k.ntk, torch.Tensor) and isinstance(dot, torch.Tensor):
-            ntk = torch.mul(k.ntk, dot, out=scratch(torch.broadcast_shapes(k.ntk.shape, dot.shape), dot))
+        fused = None
+        if getattr(ctx, "fused", False):
+            q1, i1, q2, i2 = k.marginal_parts()
+            fused = self._fused_dual(k.nngp, k.ntk, q1, q2, i1, i2)
+        if fused is not None:
+            nngp, ntk = fused
         else:
-            ntk = k.ntk * dot
+            q1, q2 = k.marginals()  # per-position variances: pointwise on images too
+            nngp, dot = self.dual(k.nngp, q1, q2, derivative=k.ntk is not None)
+            if k.ntk is None:
+                ntk = None
+            elif isinstance(k.ntk, torch.Tensor) and isinstance(dot, torch.Tensor):
+                ntk = torch.mul(k.ntk, dot, out=scratch(torch.broadcast_shapes(k.ntk.shape, dot.shape), dot))
+            else:
+                ntk = k.ntk * dot
         if k.pixel_pairs:  # each sample's own position-pair covariance goes through the same dual
-            self_fn = lambda v: self.dual(v, *k.self_marginals(v), derivative=False)[0]  # noqa: E731
+            def self_fn(v):
+                a, b = k.self_marginals(v)
+                f = self._fused_dual(v, None, a, b) if getattr(ctx, "fused", False) else None
+                return f[0] if f is not None else self.dual(v, a, b, derivative=False)[0]
         else:
             self_fn = self.variance
         return k.update(nngp, ntk, self_fn, gaussian=False, fresh=False)
+
+    def _fused_dual(self, cov, ntk, var1, var2, i1=None, i2=None):
+        """``(Sigma', Theta')`` from a fused (compiled) pass, or None where this activation has none or the
+        inputs need the eager path's special cases. The variances are ``var1[i1]``, ``var2[i2]`` (no
+        gather where an index is None)."""
+        return None
 
     def build_module(self, in_features, ctx):
         return _ActivationModule(self), in_features
@@ -179,6 +196,20 @@ class ABRelu(Activation):
 
     def variance(self, var):
         return (self.a**2 + self.b**2) / 2 * var
+
+    def _fused_dual(self, cov, ntk, var1, var2, i1=None, i2=None):
+        # one compiled pass for the whole dual (ntkit.kernels._fused); the eager special cases (linear phi,
+        # a zero variance, Theta still a constant) stay on the eager path
+        a, b = float(self.a), float(self.b)
+        k = (a - b) ** 2 / (2 * _PI)
+        if k == 0.0 or (ntk is not None and not isinstance(ntk, torch.Tensor)):
+            return None
+        if bool((var1 <= 0).any()) or bool((var2 <= 0).any()):
+            return None
+        s1, s2 = torch.sqrt(var1), torch.sqrt(var2)
+        eps = torch.finfo(cov.dtype).eps
+        return _fused.abrelu_dual(cov, ntk, (1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * k, s2,
+                                  (a * a + b * b) / 2, k, i1, i2)
 
     def to_config(self):
         return {"layer": "abrelu", "a": self.a, "b": self.b}

@@ -16,6 +16,7 @@ from .._progress import progress
 from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
 from . import recurrent
+from ._fused import auto_fuse
 from ._state import KernelState, drop_pixel_pairs, input_state
 from .base import KernelFunction
 from .conv import Conv
@@ -34,6 +35,16 @@ _LIVE_TILES = 12
 
 # image / signal layouts: name -> channels first?
 _LAYOUTS = {"NHWC": False, "NCHW": True, "NLC": False, "NCL": True}
+
+
+def symmetric_tile_pairs(b: int, device=None) -> tuple:
+    """The pairs (i, j), i <= j, of a tile of ``b`` inputs with themselves, the b self pairs (i, i) first:
+    ``(r1, r2, b)`` as :class:`~ntkit.kernels._state.KernelState` ``pairs`` takes them. A kernel is
+    symmetric, k(x_j, x_i) = k(x_i, x_j) (for position-pair covariances, the transpose), so these
+    b (b + 1) / 2 pairs give the whole b x b tile."""
+    iu = torch.triu_indices(b, b, offset=1, device=device)
+    ar = torch.arange(b, device=device)
+    return torch.cat([ar, iu[0]]), torch.cat([ar, iu[1]]), b
 
 
 def _walk(layer: Layer):
@@ -250,6 +261,7 @@ class Architecture:
         pixel_pairs: bool | None = None,
         progress: bool | None = None,
         init: str = "gaussian",
+        fused: bool | None = None,
     ):
         """Exact infinite-width NNGP and/or NTK between the rows of ``x1`` and ``x2``.
 
@@ -302,6 +314,14 @@ class Architecture:
             alone (see :class:`~ntkit.Conv`) -- so ``init="orthogonal"`` changes the kernel of conv layers: it
             is the limit of a Gaussian conv whose weight variance sits on the centre tap (Xiao et al.'s
             variance profile v = delta), the limit of recurrent and dense layers is unchanged.
+        fused : bool, optional
+            Compute the ReLU-family activation duals in one compiled pass (``torch.compile``) instead of a
+            dozen eager ones: several times faster on large spatial kernel states, but the first call in
+            a process compiles (seconds; a minute or more the very first time on a machine). None
+            (default): only when the work is large (at least ``ntkit.kernels._fused.FUSE_MIN_NUMBERS``
+            state numbers per layer, e.g. a 1000 x 1000 CNTK-GAP on 14 x 14 images); True: always;
+            False: never. Falls back to eager torch if compilation is unavailable; the values agree to
+            rounding either way.
 
         Returns
         -------
@@ -312,7 +332,7 @@ class Architecture:
             return self.with_width(width).kernel(x1, x2, get, diagonal=diagonal, dtype=dtype, device=device,
                                                  memory_budget=memory_budget, block_size=block_size,
                                                  layout=layout, pixel_pairs=pixel_pairs, progress=progress,
-                                                 init=init)
+                                                 init=init, fused=fused)
         if init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {init!r}")
         dt = resolve_dtype(dtype)
@@ -335,9 +355,9 @@ class Architecture:
             if t2 is not None and t2.shape[0] != t1.shape[0]:
                 raise ValueError(f"diagonal=True pairs row i of x1 with row i of x2, but x1 has {t1.shape[0]} "
                                  f"rows and x2 has {t2.shape[0]}")
-            result = self._diagonal(t1, t2, names, switch, memory_budget, progress, init)
+            result = self._diagonal(t1, t2, names, switch, memory_budget, progress, init, fused)
         else:
-            result = self._matrix(t1, t2, names, memory_budget, block_size, switch, progress, init)
+            result = self._matrix(t1, t2, names, memory_budget, block_size, switch, progress, init, fused)
         if single:
             return result[names[0]]
         return _kernels_tuple(names)(**result)
@@ -454,7 +474,7 @@ class Architecture:
     def _width0(self, t: torch.Tensor) -> int:
         return int(t.shape[-1])
 
-    def _diagonal(self, t1, t2, names, switch, memory_budget, progress_flag, init="gaussian"):
+    def _diagonal(self, t1, t2, names, switch, memory_budget, progress_flag, init="gaussian", fused=False):
         n = t1.shape[0]
         item = t1.element_size()
         per = self._per_pair(t1, switch > 0)
@@ -465,7 +485,7 @@ class Architecture:
         t1, layers = self._input_plan(t1, init)
         t2 = None if t2 is None else self._input_plan(t2, init)[0]
         a, b = self._scaled(t1), None if t2 is None else self._scaled(t2)
-        ctx = KernelContext(self.parameterization, init)
+        ctx = KernelContext(self.parameterization, init, auto_fuse(fused, n, per))
         outs = {name: empty_output((n,), t1.dtype, t1.device) for name in names}
         show = n > chunk if progress_flag is None else progress_flag
         for i0 in progress(range(0, n, chunk), desc="kernel diagonal", unit="chunk", enabled=show):
@@ -490,7 +510,8 @@ class Architecture:
             val = val.expand_as(like)
         return val
 
-    def _matrix(self, t1, t2, names, memory_budget, block_size, switch, progress_flag, init="gaussian"):
+    def _matrix(self, t1, t2, names, memory_budget, block_size, switch, progress_flag, init="gaussian",
+                fused=False):
         same = t2 is None
         n1 = t1.shape[0]
         d = int(math.prod(t1.shape[1:]))
@@ -532,14 +553,17 @@ class Architecture:
         xs2 = xs1 if same else self._scaled(t2)
         need_ntk = "ntk" in names
         outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
-        ctx = KernelContext(self.parameterization, init)
+        ctx = KernelContext(self.parameterization, init,
+                            auto_fuse(fused, n1 * (n1 + 1) // 2 if same else n1 * n2, per))
         tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
         show = len(tiles) > 1 if progress_flag is None else progress_flag
         for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=show):
             i1, j1 = min(i0 + block, n1), min(j0 + block, n2)
             diag_tile = same and i0 == j0
-            st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=False,
-                             pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1))
+            # a spatial tile of inputs with themselves: only the pairs i <= j (symmetric_tile_pairs)
+            pairs = symmetric_tile_pairs(i1 - i0, t1.device) if diag_tile and per > 1 else None
+            st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=pairs is not None,
+                             pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1), pairs=pairs)
             st = self._run(st, ctx, switch, layers)
             for name in names:
                 tile = self._field(st, name, st.nngp)
@@ -548,7 +572,12 @@ class Architecture:
                         f"the {name} kernel overflowed or became NaN in {t1.dtype}; the activations' "
                         "variances probably explode with depth (check W_std/b_std) or the dtype is too "
                         "narrow (use float64)")
-                if diag_tile:
+                if pairs is not None:  # mirror: k(x_j, x_i) = k(x_i, x_j)
+                    full = tile.new_empty((i1 - i0, i1 - i0))
+                    full[pairs[0], pairs[1]] = tile
+                    full[pairs[1], pairs[0]] = tile
+                    tile = full
+                elif diag_tile:
                     tile = (tile + tile.T) * 0.5
                 outs[name][i0:i1, j0:j1] = tile
                 if same and not diag_tile:

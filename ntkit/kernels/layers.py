@@ -53,12 +53,14 @@ class SpatialShape:
 
 @dataclass
 class KernelContext:
-    """Settings shared by all layers while computing kernels: the parameterization, and the weight
+    """Settings shared by all layers while computing kernels: the parameterization, the weight
     initialization of the finite twin whose limit is computed (only delta-orthogonal convolutions,
-    ``init="orthogonal"``, have a limit of their own)."""
+    ``init="orthogonal"``, have a limit of their own), and whether activations may use their fused
+    (compiled) dual kernels."""
 
     parameterization: str
     init: str = "gaussian"
+    fused: bool = False  # compiled one-pass activation duals where available (ntkit.kernels._fused)
 
 
 class Layer:
