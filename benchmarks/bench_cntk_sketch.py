@@ -169,7 +169,7 @@ def main():
     if args.exact_cache and Path(args.exact_cache).exists():
         z = np.load(args.exact_cache)
         large["exact_cache_keys"] = sorted(z.files)
-        ktr, kte = (z[k] for k in ("k_train", "k_test")) if "k_train" in z else (z[z.files[0]], z[z.files[1]])
+        ktr, kte = z["k_train_train"], z["k_test_train"]
         acc = krr_accuracy(ktr, kte, labels[:1000], labels[1000:2000], regs)
         f = feats[:1000].double()
         kt = torch.as_tensor(ktr, dtype=torch.float64)
