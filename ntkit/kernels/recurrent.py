@@ -22,10 +22,12 @@ are shared, so the gradients of g_t and g'_t' through h_{t-1}, h'_{t'-1} add to 
 output kernels of the layer are (K, K' Theta) at (T, T') for "last" and their mean over all pairs
 (t, t') for "mean". Because (t, t') depends only on (t-1, t'-1), the kernel of two sequences of
 **different lengths** under "last" is one chain along a time diagonal ending at (T, T'); it is computed
-with both sequences aligned at their ends ("chain" mode, O(min(T, T')) per pair). "mean", stacks with
-bidirectional layers below, and "sequence" readouts need the whole T x T' grid ("grid" mode, one loop over
-t, vectorised over t' and the tile of pairs). Bidirectional layers add an independent RNN on the reversed
-sequence and concatenate: the kernels per unit are the average of the two directions'.
+with both sequences aligned at their ends ("chain" mode, O(min(T, T')) per pair; one bidirectional layer
+runs a second chain on the reversed sequences). "mean", stacks with bidirectional layers below, and
+"sequence" readouts need the whole T x T' grid ("grid" mode: one loop over t, vectorised over t' and a tile
+of length-sorted pairs; the top layer keeps two rows and per-pair column sums, not the grid). Bidirectional
+layers add an independent RNN on the reversed sequence and concatenate: the kernels per unit are the
+average of the two directions'.
 
 Standard parameterization (``W ~ N(0, W_std^2 / n)``, ...): Sigma is the same, and in Theta the direct
 terms become n K(t-1, t'-1) + d_in S_in(t, t') + 1[bias] (the finite widths enter, as for Dense).
