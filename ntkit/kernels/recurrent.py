@@ -22,10 +22,12 @@ are shared, so the gradients of g_t and g'_t' through h_{t-1}, h'_{t'-1} add to 
 output kernels of the layer are (K, K' Theta) at (T, T') for "last" and their mean over all pairs
 (t, t') for "mean". Because (t, t') depends only on (t-1, t'-1), the kernel of two sequences of
 **different lengths** under "last" is one chain along a time diagonal ending at (T, T'); it is computed
-with both sequences aligned at their ends ("chain" mode, O(min(T, T')) per pair). "mean", stacks with
-bidirectional layers below, and "sequence" readouts need the whole T x T' grid ("grid" mode, one loop over
-t, vectorised over t' and the tile of pairs). Bidirectional layers add an independent RNN on the reversed
-sequence and concatenate: the kernels per unit are the average of the two directions'.
+with both sequences aligned at their ends ("chain" mode, O(min(T, T')) per pair; one bidirectional layer
+runs a second chain on the reversed sequences). "mean", stacks with bidirectional layers below, and
+"sequence" readouts need the whole T x T' grid ("grid" mode: one loop over t, vectorised over t' and a tile
+of length-sorted pairs; the top layer keeps two rows and per-pair column sums, not the grid). Bidirectional
+layers add an independent RNN on the reversed sequence and concatenate: the kernels per unit are the
+average of the two directions'.
 
 Standard parameterization (``W ~ N(0, W_std^2 / n)``, ...): Sigma is the same, and in Theta the direct
 terms become n K(t-1, t'-1) + d_in S_in(t, t') + 1[bias] (the finite widths enter, as for Dense).
@@ -458,55 +460,40 @@ def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
     kin, tin: (*B, T1, T2) input kernels of the pairs (tin None for raw input), sequences start-aligned;
     q1 (*B1, T1), q2 (*B2, T2): Var g_t of either side, l1 (*B1), l2 (*B2) their lengths, with B1 and B2
     broadcasting to the block B: (b1, 1) and (1, b2) for a tile of b1 x b2 pairs, (P,) and (P,) for a list
-    of P pairs. Each row is one contiguous block of all pairs x (T2 + 1) columns -- column 0 is h_0 = 0 --,
-    so that step (t, t'), which reads (t - 1, t' - 1), reads the previous row shifted by one element: a
-    view of a flat buffer, and every elementwise operation runs over one long contiguous array. Cells past
-    either sequence's end hold the kernel of the zero-extended sequences (finite, consistent with q past the
-    end); valid cells never read them.
+    of P pairs. Each row is vectorised over t' and all pairs; step (t, t') reads (t - 1, t' - 1), the
+    previous row shifted by one column, held in a buffer whose column 0 is h_0 = 0 (the shift is a view).
+    Cells past either sequence's end hold the kernel of the zero-extended sequences (finite, consistent
+    with q past the end); valid cells never read them.
 
     mode "grid": return the grids (K, K' Theta), (*B, T1, T2) views; "mean": their means over the valid
     cells, (*B,), accumulated as column sums over the valid rows (no grid is stored); "last": the values at
     (T1 - 1, T2 - 1) of each pair, (*B,).
     """
     *lead, t1, t2 = kin.shape
-    w = t2 + 1
     dt, dev = kin.dtype, kin.device
-    n = math.prod(lead) * w
-
-    def extended(g):  # (*B, T1, T2) -> (T1, *B, T2 + 1), column 0 = 0
-        out = torch.zeros((t1, *lead, w), dtype=dt, device=dev)
-        out[..., 1:] = g.movedim(-2, 0)
-        return out
-
-    kin_x = extended(kin)
-    tin_x = None if tin is None else extended(tin)
-    q2_x = torch.ones((*q2.shape[:-1], w), dtype=dt, device=dev)  # column 0: any positive variance
-    q2_x[..., 1:] = q2
     keep = mode == "grid"
     rows = t1 if keep else 2  # a ring of two rows when the grid itself is not needed
-    buf_h = torch.zeros((rows, n + 1), dtype=dt, device=dev)  # row r: [0, h(row r) flattened]
+    buf_h = torch.zeros((rows, *lead, t2 + 1), dtype=dt, device=dev)  # each row one (nearly) contiguous block
     buf_t = torch.zeros_like(buf_h) if need_ntk else None
+    zero_row = torch.zeros((*lead, t2), dtype=dt, device=dev)
     if mode == "mean":
         row_valid = (torch.arange(t1, device=dev) < l1[..., None]).to(dt)
-        col_h = torch.zeros((*lead, w), dtype=dt, device=dev)
-        col_t = torch.zeros_like(col_h) if need_ntk else None
+        col_h = torch.zeros_like(zero_row)
+        col_t = torch.zeros_like(zero_row) if need_ntk else None
     elif mode == "last":
         last1 = l1 - 1
-        idx2 = l2[..., None].expand(*lead, 1)  # column T2 - 1 + 1
+        idx2 = (l2 - 1)[..., None].expand(*lead, 1)
         res_h = torch.zeros(lead, dtype=dt, device=dev)
         res_t = torch.zeros_like(res_h) if need_ntk else None
-    zero_row = torch.zeros((*lead, w), dtype=dt, device=dev)
     for t in range(t1):
         r, prev = (t, t - 1) if keep else (t % 2, (t - 1) % 2)
-        hprev = buf_h[prev, :n].view(*lead, w) if t else zero_row
-        htprev = (buf_t[prev, :n].view(*lead, w) if t else zero_row) if need_ntk else None
-        h, ht = _step(rnn, terms, hprev, htprev, kin_x[t], None if tin_x is None else tin_x[t], q1[..., t:t + 1],
-                      q2_x, need_ntk)
-        h[..., 0] = 0.0  # h_0 for the next row
-        buf_h[r, 1:].view(*lead, w).copy_(h)
+        hprev = buf_h[prev, ..., :t2] if t else zero_row
+        htprev = (buf_t[prev, ..., :t2] if t else zero_row) if need_ntk else None
+        h, ht = _step(rnn, terms, hprev, htprev, kin[..., t, :], None if tin is None else tin[..., t, :],
+                      q1[..., t:t + 1], q2, need_ntk)
+        buf_h[r, ..., 1:] = h
         if need_ntk:
-            ht[..., 0] = 0.0
-            buf_t[r, 1:].view(*lead, w).copy_(ht)
+            buf_t[r, ..., 1:] = ht
         if mode == "mean":
             col_h.addcmul_(h, row_valid[..., t:t + 1])
             if need_ntk:
@@ -517,12 +504,10 @@ def _rows(rnn, terms, kin, tin, q1, q2, l1, l2, need_ntk, mode):
             if need_ntk:
                 res_t = torch.where(hit, ht.gather(-1, idx2)[..., 0], res_t)
     if keep:
-        def grid(buf):
-            return buf[:, 1:].view(t1, *lead, w)[..., 1:].movedim(0, -2)
-        return grid(buf_h), (grid(buf_t) if need_ntk else None)
+        return buf_h[..., 1:].movedim(0, -2), (buf_t[..., 1:].movedim(0, -2) if need_ntk else None)
     if mode == "last":
         return res_h, res_t
-    col_valid = ((torch.arange(w, device=dev) >= 1) & (torch.arange(w, device=dev) <= l2[..., None])).to(dt)
+    col_valid = (torch.arange(t2, device=dev) < l2[..., None]).to(dt)
     count = (l1 * l2).to(dt)
     return ((col_h * col_valid).sum(-1) / count,
             ((col_t * col_valid).sum(-1) / count) if need_ntk else None)
