@@ -143,6 +143,7 @@ class _Forward:
         self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         self.kwargs = dict(model_kwargs or {})
         self.outputs: slice | None = None
+        self.state: dict = {}  # shared by the sliced copies: e.g. whether layer outputs must be copied
 
     def sliced(self, outputs: slice | None) -> "_Forward":
         new = object.__new__(_Forward)
@@ -270,75 +271,97 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
     return {nm for nm in total if total[nm] != inside[nm]}
 
 
-def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str]):
-    """One forward with hooks and k backward passes.
+def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str], k: int | None = None):
+    """One forward of k + 1 replicas of the batch with hooks, and one backward pass.
 
     Returns ``(feats, uses, k, ok)``: ``feats[c]`` the rule's data for every recorded call (patches and
     cotangents, token ids and cotangents, or per-sample gradients; None for calls no parameter of ``ok``
     needs); ``ok`` the parameters of ``names`` that this very batch's autograd graph uses only through the
     recorded calls (:func:`_unrecorded_uses`), whose calls all have a batch layout confirmed by the row
     check and whose outputs the rule reproduces; ``uses[name] = [(c, is_weight, scale), ...]`` the calls in
-    which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale."""
-    for clone in (False, True):
+    which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale.
+
+    The samples are independent here (the structured path requires it), so the k cotangents of every layer
+    output come from one ordinary backward pass over k + 1 stacked copies of the batch: copy a receives the
+    one-hot cotangent of output unit a, the last copy random per-sample weights C for the row check. This
+    runs the model's own batched kernels (a vmapped backward pass over k cotangents falls back to slow
+    per-cotangent loops for several operations, e.g. max-pooling and batch norm)."""
+    state = fwd.state
+    if k is None:
+        with torch.no_grad():
+            k = fwd(params, x[:1]).shape[1]
+    n = x.n
+    reps = k + 1 if n > 1 else k
+    xr = Inputs.cat([x] * reps) if reps > 1 else x
+    nr = xr.n
+    for clone in ((True,) if state.get("clone") else (False, True)):
         # first without copying layer outputs; if an in-place operation downstream changed a recorded
-        # output (its version counter moved), again with the hooks returning copies
-        # parameters as fresh leaves, so the hooked layers' outputs are graph nodes to differentiate to
-        leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
-        rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k for k, v in leaf_params.items()})
+        # output (its version counter moved), again with the hooks returning copies (remembered for the
+        # next blocks); parameters as fresh leaves, so the hooked layers' outputs are graph nodes
+        leaf_params = {k_: v.detach().requires_grad_(True) for k_, v in params.items()}  # views, no copy
+        rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k_ for k_, v in leaf_params.items()})
         try:
             with torch.enable_grad(), rec.intercept():
-                out = fwd(leaf_params, x)
+                out = fwd(leaf_params, xr)
         except BaseException:
             rec.remove()
             raise
         rec.active = False
         if clone or all(c.o._version == ver for c, ver in zip(rec.calls, rec.versions)):
             break
+        state["clone"] = True
         rec.remove()
+        del out
     pid = {id(v_): name for name, v_ in model.named_parameters()}
-    n, k = out.shape
+    if out.shape[1] != k:
+        raise RuntimeError("the model's number of outputs changed between calls")
     # every use of each parameter in this block's own graph must be a recorded call (cheap edge count), and no
     # call may be one the rule cannot describe
     ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid) - rec.bad_names(pid)
     for call in rec.calls:
         if call.rule is None:
             ok -= call.names
+    # cotangents: copy a (a < k) gets e_a on each of its rows; copy k (the row check) gets random weights C
+    gen = torch.Generator(device="cpu").manual_seed(4321)
+    cw = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+    seed = torch.zeros((reps, n, k), dtype=out.dtype, device=out.device)
+    idx_k = torch.arange(k, device=out.device)
+    seed[idx_k, :, idx_k] = 1.0
+    if reps > k:
+        seed[k] = cw
     try:
         with torch.enable_grad():
             node_outs = [c.o for c in rec.calls]
-            grads = _cotangents(out, node_outs) if node_outs else []
-            if node_outs and n > 1:
-                # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
-                # recorded output must be sum_a C[p, a] g_a[p] -- true when sample p's output depends on row p
-                # of the layer only; a permutation of the rows (sorting the batch, say) breaks it
-                gen = torch.Generator(device="cpu").manual_seed(4321)
-                c = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
-                g_c = torch.autograd.grad((out * c).sum(), node_outs, allow_unused=True)
+            grads = list(torch.autograd.grad(out, node_outs, grad_outputs=seed.reshape(nr, k),
+                                             allow_unused=True)) if node_outs else []
     finally:
         rec.remove()
-    del out
+    del out, seed
     feats, uses = [], {}
     for idx, call in enumerate(rec.calls):
         o = call.o.detach()
+        g_all = grads[idx]
+        grads[idx] = None  # one copy of the cotangents at a time
         if not call.names & ok:
             feats.append(None)
-            grads[idx] = None
             continue
-        g_all = grads[idx] if grads[idx] is not None else torch.zeros((k,) + o.shape, dtype=o.dtype,
-                                                                       device=o.device)  # (k, *o.shape)
-        grads[idx] = None  # one copy of the cotangents at a time
+        if g_all is None:
+            g_all = torch.zeros_like(o)
         feat = None
-        for lay in layouts(call, n):  # the first layout the row check confirms
-            g = apply_layout(g_all, lay, n, offset=1).transpose(0, 1)  # (n, k, ...)
-            if n > 1:
-                want = torch.einsum("ia,ia...->i...", c, g)
-                got = apply_layout(g_c[idx] if g_c[idx] is not None else torch.zeros_like(o), lay, n)
+        for lay in layouts(call, nr):  # the first layout the row check confirms
+            gl = apply_layout(g_all, lay, nr)
+            g = gl.reshape(reps, n, *gl.shape[1:])  # (copy, sample, ...)
+            if reps > k:
+                want = torch.einsum("ia,ai...->i...", cw, g[:k])
+                got = g[k]
                 scale = float(want.abs().max()) if want.numel() else 0.0
                 if want.numel() and float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * scale + 1e-300:
                     continue
-            feat = features(call, apply_layout(call.a.detach(), lay, n), apply_layout(o, lay, n), g.detach(),
-                            leaf_params)
+            first = slice(0, n)
+            feat = features(call, apply_layout(call.a.detach(), lay, nr)[first], apply_layout(o, lay, nr)[first],
+                            g[:k].transpose(0, 1), leaf_params)
             break
+        del g_all
         if feat is None:  # no batch layout passes the checks, or the rule does not reproduce the output
             ok -= call.names
             feats.append(None)
@@ -355,30 +378,6 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     ok -= mixed
     uses = {name: u for name, u in uses.items() if name in ok}
     return feats, uses, k, ok
-
-
-_BATCHED_BACKWARD = True  # one vmapped backward pass over the k output units (else k passes)
-
-
-def _cotangents(out: torch.Tensor, node_outs: list) -> list:
-    """For each recorded output o, the cotangents (k, *o.shape) of the k output units summed over the batch
-    (None where unused): one backward pass batched over the k unit cotangents, or k passes when an operation
-    of the model has no batching rule."""
-    n, k = out.shape
-    if _BATCHED_BACKWARD and k > 1:
-        eye = torch.eye(k, dtype=out.dtype, device=out.device)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch's note on operations without batching rules
-                got = torch.autograd.grad(out, node_outs, grad_outputs=eye[:, None, :].expand(k, n, k),
-                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
-            return list(got)
-        except (RuntimeError, NotImplementedError):
-            pass
-    per = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True) for a in range(k)]
-    return [None if all(p[i] is None for p in per) else
-            torch.stack([p[i] if p[i] is not None else torch.zeros_like(node_outs[i]) for p in per])
-            for i in range(len(node_outs))]
 
 
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
