@@ -71,6 +71,7 @@ IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector", "structured")
 OUTPUTS = ("trace", "full", "diagonal")
 _NTK_VECTOR_CHUNK = 32
 _METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
+_ROUTE_LOG: list | None = None  # when a list, each structured block appends {weight: dense route} (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,10 +403,14 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     n1, n2 = x1.n, (x1 if x2 is None else x2).n
     theta = None
     cache: dict = {}
+    routes: dict = {}
+    param_routes: dict = {}
     for name, us1 in uses1.items():
         for c1, weight, s1 in us1:
             for c2, _, s2 in uses2.get(name, ()):
-                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2))
+                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes)
+                if weight and (c1, c2) in routes:
+                    param_routes.setdefault(name, set()).add(routes[c1, c2])
                 scale = s1 * s2
                 if theta is None:
                     theta = term * scale if scale != 1.0 else term.clone()
@@ -419,6 +424,8 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     if _METHOD_LOG is not None:
         rules = {nm: feats_rule[nm] for nm in uses1}
         _METHOD_LOG.append({nm: ("structured:" + rules.get(nm, "unused")) if nm in covered else "jacobian" for nm in params})
+    if _ROUTE_LOG is not None:  # the route of each weight-sharing weight ("positions" or "jacobian")
+        _ROUTE_LOG.append({nm: "+".join(sorted(r)) for nm, r in param_routes.items()})
     if rest:  # parameters without known structure: Jacobian contraction over just those
         f1 = fwd_rest(fwd, params, rest)
         f2 = f1 if fwd2 is fwd else fwd_rest(fwd2, params, rest)
@@ -476,37 +483,42 @@ def _samples_independent(fwd: "_Forward", params, t1: Inputs, t2: Inputs | None)
 
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
-                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False) -> int:
+                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False,
+                         pair_positions: int = 0, pair_width: int = 0) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
     W = ``width_sum``, the structured layers' output numbers per sample; I = ``inputs_sum``, their input
-    (patch) numbers per sample; M = ``max_grad``, the largest per-sample weight gradient a shared-position
+    (patch) numbers per sample; ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
+    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight gradient a shared-position
     layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
     structured features are computed once (the n2 terms drop out).
 
     * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: 2 m A (one block's graph, and a backward pass through it) + 1.25 (n1 k + n2 k2) W
-      (cotangents from one backward pass batched over the k output units, and the copies a layer's rule
-      makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in
-      row chunks of at most 2^25 numbers per side) + result; a diagonal block of x2=None computes one
-      side (the n2 terms drop out)
+    * structured: (k + 2) m A (the graph of k + 1 copies of the block, and a backward pass through it) +
+      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
+      the copies a layer's rule makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of
+      one layer, formed in row chunks of at most 2^25 numbers per side) + min(2^25, n1 n2 Q) (the position
+      route's temporaries, Q = ``pair_numbers``: L^2 + 2 k L c of the widest weight-sharing layer) + result;
+      a diagonal block of x2=None computes one side (the n2 terms drop out)
     * result:     n1 n2 k k2
     """
     k2 = k if k2 is None else k2
     out = n1 * n2 * k * k2
     m = max(n1, n2)
+    kk = max(k, k2)
+    pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
+    grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
     if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
-        return itemsize * (2 * m * activations + (5 * n1 * k * width_sum) // 4 + n1 * inputs_sum
-                           + 2 * min(m * k * max_grad, GRAD_CHUNK) + out)
+        return itemsize * ((k + 2) * m * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
+                           + grad + pos + out)
     if implementation == "jacobian":
         return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
         return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
-    grad = 2 * min(m * max(k, k2) * max_grad, GRAD_CHUNK)
-    return itemsize * (2 * m * activations + (5 * (n1 * k + n2 * k2) * width_sum) // 4 + (n1 + n2) * inputs_sum
-                       + grad + out)
+    return itemsize * ((kk + 2) * m * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
+                       + (n1 + n2) * inputs_sum + grad + pos + out)
 
 
 def empirical_ntk(
@@ -606,10 +618,14 @@ def _probe(fwd: _Forward, chosen, model, x: Inputs):
     """One forward with the structured layers recorded and the autograd graph's saved tensors counted:
     (output, recorded calls, saved bytes)."""
     seen: dict = {}
+    # the parameters are saved by the graph too, but once, not per sample: not activations
+    shared = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
 
     def pack(t):
         try:
             key = (t.untyped_storage().data_ptr(), t.device)
+            if key in shared:
+                return t
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, ...)
             pass
@@ -623,6 +639,8 @@ def _probe(fwd: _Forward, chosen, model, x: Inputs):
             out = fwd(leaf, x)
     finally:
         rec.remove()
+    if any(c.o._version != ver for c, ver in zip(rec.calls, rec.versions)):
+        fwd.state["clone"] = True  # an in-place operation changes a layer output: the blocks copy outputs
     calls = [Call(c.rule, c.module, c.a.detach(), c.o.detach(), c.w, c.b, extra=c.extra) for c in rec.calls]
     return out.detach(), calls, sum(seen.values())
 
@@ -748,16 +766,18 @@ def _layer_sizes(calls, n: int) -> dict:
     width W = output numbers per sample (cotangents kept per output unit), inputs_sum = input/patch numbers
     per sample, max_grad = the largest per-sample weight gradient of a shared-position layer, flops F =
     forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
-    width, flops, inputs, max_grad = 0, 0, 0, 0
+    width, flops, inputs, max_grad, pair_positions, pair_width = 0, 0, 0, 0, 0, 0
     for call in calls:
         if call.a.numel() == 0 or call.o.numel() == 0 or call.rule is None:
             continue  # a layer that saw none of the probe's samples (routing)
         try:
-            w, f, i, m = feature_sizes(call, n)
+            w, f, i, m, pl, pc = feature_sizes(call, n)
         except (RuntimeError, ValueError, NotImplementedError):
             continue
         width, flops, inputs, max_grad = width + w, flops + f, inputs + i, max(max_grad, m)
-    return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad}
+        pair_positions, pair_width = max(pair_positions, pl * pl), max(pair_width, pl * pc)
+    return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad,
+            "pair_positions": pair_positions, "pair_width": pair_width}
 
 
 def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, layer_flops: int,
