@@ -499,9 +499,10 @@ def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, 
 
     With a_p the patch (d numbers) and g_ap the cotangent of output unit a (c numbers) at position p:
 
-    * ``"positions"``: sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq): the patch products (n1 n2 L1 L2 d), then
-      T_{ij p b} = sum_q (a1_p . a2_q) g2_bq (n1 n2 L1 L2 k2 c) contracted with g1 (n1 n2 L1 c x k1 k2 for
-      "full", k for "trace"/"diagonal"). Cost grows like positions^2: cheap for few positions.
+    * ``"positions"``: sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq): the patch products (n1 n2 L1 L2 d), then for
+      "full" T_{ij p b} = sum_q (a1_p . a2_q) g2_bq (n1 n2 L1 L2 k2 c) contracted with g1 (n1 n2 L1 c k1 k2);
+      for "trace"/"diagonal" the cotangent products (n1 n2 L1 L2 k c). Cost grows like positions^2: cheap for
+      few positions.
     * ``"jacobian"``: the per-layer Jacobian rows J_a = sum_p g_ap (x) a_p (d c numbers per sample and output,
       from the captured inputs and cotangents: n k L d c, no extra backward pass), then their inner products
       (n1 n2 k1 k2 d c for "full", n1 n2 k d c otherwise; half of that for a symmetric diagonal block).
@@ -509,7 +510,8 @@ def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, 
     """
     kk = k1 * k2 if output == "full" else k1
     if route == "positions":
-        return float(n1 * n2 * positions1 * positions2 * (d + k2 * c) + n1 * n2 * kk * positions1 * c)
+        extra = n1 * n2 * kk * positions1 * c if output == "full" else 0
+        return float(n1 * n2 * positions1 * positions2 * (d + k2 * c) + extra)
     form = n1 * k1 * positions1 * d * c + (0 if symmetric else n2 * k2 * positions2 * d * c)
     return float(form + (0.5 if symmetric else 1.0) * n1 * n2 * kk * d * c)
 
@@ -546,25 +548,48 @@ def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
 
 def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
     """sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq) in row chunks of x1 whose temporaries hold at most ~GRAD_CHUNK
-    numbers; with ``same`` (x2 is x1) only the columns from the chunk's first row on, mirrored."""
+    numbers; with ``same`` (x2 is x1) only the columns from the chunk's first row on, mirrored.
+
+    "trace"/"diagonal": two matrix products with long inner dimensions, the patch products (n1 L1 x n2 L2,
+    inner d) and the cotangent products summed over the output units (inner k c) or per unit (inner c),
+    multiplied and summed over the position pairs. "full": T = sum_q (a1_p . a2_q) g2_bq first (n1 n2 L1 L2 k c),
+    then contracted with g1 over (p, c) -- cheaper than the k^2 L^2 cotangent products when L > k."""
     n1, k1, L1, c = g1.shape
     n2, k2, L2, _ = g2.shape
-    per_row = n2 * L1 * (L2 + 2 * k2 * c)
+    d = a1.shape[2]
+    if output == "full":
+        per_row = n2 * L1 * (L2 + 2 * k2 * c)
+    else:
+        per_row = n2 * L1 * L2 * (2 if output == "trace" else k1 + 1)
     rows = max(1, GRAD_CHUNK // max(1, per_row))
     if same and n1 > SYM_MIN_ROWS:
         rows = min(rows, max(SYM_MIN_ROWS, -(-n1 // 6)))
-    spec = {"full": "iapc,ijpbc->ijab", "diagonal": "iapc,ijpac->ija", "trace": "iapc,ijpac->ij"}[output]
+    if output == "trace":
+        h1 = g1.permute(0, 2, 1, 3).reshape(n1 * L1, k1 * c)
+        h2 = h1 if same else g2.permute(0, 2, 1, 3).reshape(n2 * L2, k2 * c)
+    elif output == "diagonal":
+        h1 = g1.permute(1, 0, 2, 3).reshape(k1, n1 * L1, c)
+        h2 = h1 if same else g2.permute(1, 0, 2, 3).reshape(k2, n2 * L2, c)
     out = None
     for i0 in range(0, n1, rows):
         i1 = min(i0 + rows, n1)
         j0 = i0 if same else 0
-        aa = torch.einsum("ipd,jqd->ijpq", a1[i0:i1], a2[j0:])
-        t = torch.einsum("ijpq,jbqc->ijpbc", aa, g2[j0:])
-        del aa
-        part = torch.einsum(spec, g1[i0:i1], t)
-        del t
-        if output == "trace":
-            part = part.div_(k1)
+        r, m = i1 - i0, n2 - j0
+        if output == "full":
+            aa = torch.einsum("ipd,jqd->ijpq", a1[i0:i1], a2[j0:])
+            t = torch.einsum("ijpq,jbqc->ijpbc", aa, g2[j0:])
+            del aa
+            part = torch.einsum("iapc,ijpbc->ijab", g1[i0:i1], t)
+            del t
+        else:
+            aa = a1[i0:i1].reshape(r * L1, d) @ a2[j0:].reshape(m * L2, d).T  # (r L1, m L2)
+            if output == "trace":
+                gg = h1[i0 * L1:i1 * L1] @ h2[j0 * L2:].T
+                part = (gg.mul_(aa)).reshape(r, L1, m, L2).sum((1, 3)).div_(k1)
+            else:
+                gg = torch.bmm(h1[:, i0 * L1:i1 * L1], h2[:, j0 * L2:].transpose(1, 2))  # (k, r L1, m L2)
+                part = gg.mul_(aa).reshape(k1, r, L1, m, L2).sum((2, 4)).permute(1, 2, 0)
+            del aa, gg
         if out is None:
             out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
         out[i0:i1, j0:] = part
@@ -573,6 +598,15 @@ def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
             out[i1:, i0:i1] = rest.transpose(0, 1).transpose(2, 3) if output == "full" else rest.transpose(0, 1)
         del part
     return out
+
+
+def layer_jacobian(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-layer Jacobian rows J[i, a] = sum_p g[i, a, p] (x) a[i, p] of a weight-sharing layer, (n, k, c d),
+    from its inputs a (n, L, d) and output cotangents g (n, k, L, c): one batched matrix product per sample,
+    written contiguously (the (c, d) order of the flattened weight is the same on both sides of a pair)."""
+    n, k, L, c = g.shape
+    gt = g.transpose(2, 3).reshape(n, k * c, L)
+    return torch.bmm(gt, a).reshape(n, k, c * a.shape[2])
 
 
 def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict | None = None) -> torch.Tensor:
@@ -600,7 +634,7 @@ def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict 
         if not weight:
             return cache["gg", key]
         if routes is not None:
-            routes[key] = "positions"
+            routes[key] = "one-position"
         return _expand(a1[:, 0] @ a2[:, 0].T, output) * cache["gg", key]
     if not weight:  # bias: sum over positions of g
         u1 = g1.sum(2)
@@ -618,17 +652,17 @@ def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict 
     rows = max(1, GRAD_CHUNK // max(1, k * d * c))
     if n1 <= rows and n2 <= rows:
         if ("m1", key[0]) not in cache:
-            cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
+            cache["m1", key[0]] = layer_jacobian(a1, g1)
         m1 = cache["m1", key[0]]
         if same:
             return contract_sym(m1, output)
-        m2 = torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
+        m2 = layer_jacobian(a2, g2)
         return contract(m1, m2, output)
     out = None
     for i0 in range(0, n1, rows):
-        m1 = torch.einsum("ipd,iapc->iadc", a1[i0:i0 + rows], g1[i0:i0 + rows]).flatten(2)
+        m1 = layer_jacobian(a1[i0:i0 + rows], g1[i0:i0 + rows])
         for j0 in range(i0 if same else 0, n2, rows):
-            m2 = m1 if same and j0 == i0 else torch.einsum("ipd,iapc->iadc", a2[j0:j0 + rows], g2[j0:j0 + rows]).flatten(2)
+            m2 = m1 if same and j0 == i0 else layer_jacobian(a2[j0:j0 + rows], g2[j0:j0 + rows])
             part = contract_sym(m1, output) if m2 is m1 else contract(m1, m2, output)
             if out is None:
                 out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
