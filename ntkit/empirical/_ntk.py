@@ -333,7 +333,9 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     try:
         with torch.enable_grad():
             node_outs = [c.o for c in rec.calls]
-            grads = list(torch.autograd.grad(out, node_outs, grad_outputs=seed.reshape(nr, k),
+            # a scalar root: torch.autograd.grad with explicit grad_outputs imports sympy on its first call
+            # in a process (seconds), which a small model's kernel should not pay
+            grads = list(torch.autograd.grad((out * seed.reshape(nr, k)).sum(), node_outs,
                                              allow_unused=True)) if node_outs else []
     finally:
         rec.remove()
