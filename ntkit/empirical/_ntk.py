@@ -61,8 +61,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs
-from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
-                     pair_term)
+from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes, features,
+                     layouts, pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
@@ -383,8 +383,37 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     return feats, uses, k, ok
 
 
+def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str], k, pass_batch):
+    """:func:`_structured_features` of a block whose forward/backward passes run on sub-batches of at most
+    ``pass_batch`` samples (so that k + 1 copies of a sub-batch's graph fit the budget while the block's
+    features, and so the pairs contracted at once, stay large); the features are concatenated over the
+    sub-batches, a parameter counts as structured only if every sub-batch confirms it with the same calls."""
+    if pass_batch is None or x.n <= pass_batch:
+        return _structured_features(fwd, params, x, model, names, k)
+    parts = [_structured_features(fwd, params, x[i:i + pass_batch], model, names, k)
+             for i in range(0, x.n, pass_batch)]
+    feats0, uses0, k, ok = parts[0]
+    if any(len(p[0]) != len(feats0) for p in parts):  # the sub-batches recorded different calls
+        return _structured_features(fwd, params, x, model, names, k)
+    for _, uses, _, ok_p in parts[1:]:
+        ok = ok & ok_p
+        ok -= {nm for nm in ok if uses.get(nm) != uses0.get(nm)}
+    feats = []
+    for i, f0 in enumerate(feats0):
+        fs = [p[0][i] for p in parts]
+        if any(f is None or f[0] != f0[0] for f in fs):
+            feats.append(None)
+            bad = {nm for nm, u in uses0.items() if any(c == i for c, _, _ in u)}
+            ok -= bad
+            continue
+        feats.append((f0[0],) + tuple(torch.cat([f[j] for f in fs]) for j in range(1, len(f0))))
+    del parts
+    uses = {nm: u for nm, u in uses0.items() if nm in ok}
+    return feats, uses, k, ok
+
+
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
-                    output: str = "full", verified: set | None = None):
+                    output: str = "full", verified: set | None = None, pass_batch: int | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     if verified is None:
         rec = Recorder(model, params)
@@ -394,11 +423,12 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     if not covered:  # nothing the structured path can take: Jacobian contraction for everything
         return _ntk_jacobian(fwd, fwd2, params, x1, x2, independent=True, output=output)
     same = x2 is None and fwd2 is fwd
-    feats1, uses1, k, ok1 = _structured_features(fwd, params, x1, model, covered)
+    feats1, uses1, k, ok1 = _features_in_passes(fwd, params, x1, model, covered, None, pass_batch)
     if same:
         feats2, uses2, ok2 = feats1, uses1, ok1
     else:
-        feats2, uses2, _, ok2 = _structured_features(fwd2, params, x1 if x2 is None else x2, model, covered)
+        feats2, uses2, _, ok2 = _features_in_passes(fwd2, params, x1 if x2 is None else x2, model, covered, None,
+                                                    pass_batch)
     covered = ok1 & ok2  # verified on both blocks' own data
     uses1 = {name: u for name, u in uses1.items() if name in covered}
     feats_rule = {name: next(iter({rec_rule(feats1[c]) for c, _, _ in u})) for name, u in uses1.items()}
@@ -486,40 +516,57 @@ def _samples_independent(fwd: "_Forward", params, t1: Inputs, t2: Inputs | None)
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
                          max_grad: int = 0, k2: int | None = None, symmetric: bool = False,
-                         pair_positions: int = 0, pair_width: int = 0) -> int:
+                         pair_positions: int = 0, pair_width: int = 0, pass_batch: int | None = None,
+                         dense_layers: tuple | None = None) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
     W = ``width_sum``, the structured layers' output numbers per sample; I = ``inputs_sum``, their input
-    (patch) numbers per sample; ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
+    (patch) numbers per sample; ``pass_batch``: samples per forward/backward pass of the structured path
+    (default m; the passes of a block run in sub-batches of this size); ``dense_layers``: (L, d, c) of each
+    weight-sharing layer, whose route (:func:`ntkit.empirical._rules.dense_route`) decides which temporaries
+    count (without it, the maxima below); ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
     weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight gradient a shared-position
     layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
     structured features are computed once (the n2 terms drop out).
 
-    * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
+    * jacobian:   max(2 n1 k, n1 k + 2 n2 k2) P (both Jacobians, each formed per parameter and then
+      concatenated; 2 n1 k P for a diagonal block of x2=None) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: (k + 2) m A (the graph of k + 1 copies of the block, and a backward pass through it) +
+    * structured: (k + 2) m A (the graph of k + 1 copies of the block's pass, and a backward pass through it) +
       1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
       the copies a layer's rule makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of
       one layer, formed in row chunks of at most 2^25 numbers per side) + min(2^25, n1 n2 Q) (the position
       route's temporaries, Q = ``pair_numbers``: L^2 + 2 k L c of the widest weight-sharing layer) + result;
-      a diagonal block of x2=None computes one side (the n2 terms drop out)
+      a diagonal block of x2=None computes one side (the n2 terms drop out); m in the first term is
+      min(m, ``pass_batch``)
     * result:     n1 n2 k k2
     """
     k2 = k if k2 is None else k2
     out = n1 * n2 * k * k2
     m = max(n1, n2)
     kk = max(k, k2)
-    pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
-    grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
+    pos, grad = 0, 0
+    if dense_layers is None:  # sizes given as maxima only
+        pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
+        grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
+    for L, d, c in dense_layers or ():  # the temporaries of the route each weight-sharing layer takes
+        routes = {dense_route(n1, n2, k, k2, L, L, d, c, o, symmetric) for o in ("full", "trace")}
+        if "positions" in routes:
+            pos = max(pos, min(GRAD_CHUNK, n1 * n2 * (L * L + 2 * kk * L * c)))
+        if "jacobian" in routes:
+            grad = max(grad, 2 * min(m * kk * d * c, GRAD_CHUNK))
+    mp = m if pass_batch is None else min(m, pass_batch)
     if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
-        return itemsize * ((k + 2) * m * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
+        return itemsize * ((k + 2) * mp * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
                            + grad + pos + out)
     if implementation == "jacobian":
-        return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
+        # each side's Jacobian per parameter, then concatenated: twice one side's size while it is formed
+        jac = max(2 * n1 * k, n1 * k + 2 * n2 * k2) if not symmetric else 2 * n1 * k
+        return itemsize * (jac * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
         return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
-    return itemsize * ((kk + 2) * m * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
+    return itemsize * ((kk + 2) * mp * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
                        + (n1 + n2) * inputs_sum + grad + pos + out)
 
 
@@ -666,6 +713,7 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     item = torch.finfo(dtype).bits // 8
     sizes = _layer_sizes(calls, probe_x.n)
     sizes["activations"] = -(-saved // (item * probe_x.n))
+
     width_sum, layer_flops = sizes.pop("width"), sizes.pop("flops")
     budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
     if not budget > 0:
@@ -692,9 +740,16 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         verified = set(rec_s.covered)
         rec_s.remove()
 
+    pass_batch = None
+    if impl == "structured" and sizes["activations"] > 0:
+        # the forward/backward passes of a block run on sub-batches whose k + 1 copies' graph takes at most a
+        # quarter of the budget: blocks are then sized by the features they keep, not by the graph (fewer,
+        # larger blocks, so fewer recomputed passes)
+        pass_batch = max(1, int(0.25 * left // (item * (k + 2) * sizes["activations"])))
+
     def need(b, kc):
         return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
-                                    symmetric=t2 is None and b >= n1 and kc >= k)
+                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch)
 
     bs = batch_size if batch_size is not None else max(n1, n2)
     kc = output_batch_size if output_batch_size is not None else k
@@ -733,7 +788,7 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
             ri, rj = slice(i0, i0 + a.n), slice(j0, j0 + nb)
             for oa, ob in opairs:
                 f1, f2 = fwds[oa.start, oa.stop], fwds[ob.start, ob.stop]
-                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified)
+                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch)
                 if out_full:
                     result[ri, rj, oa, ob] = block
                     if t2 is None and not same_block:
@@ -754,13 +809,13 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     return result
 
 
-def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None):
+def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
         return _ntk_jacobian(fwd, fwd2, params, a, b, independent, output)
     if impl == "ntk_vector":
         return _reduce(_ntk_vector(fwd, fwd2, params, a, b), output)
-    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified)
+    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch)
 
 
 def _layer_sizes(calls, n: int) -> dict:
@@ -769,6 +824,7 @@ def _layer_sizes(calls, n: int) -> dict:
     per sample, max_grad = the largest per-sample weight gradient of a shared-position layer, flops F =
     forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
     width, flops, inputs, max_grad, pair_positions, pair_width = 0, 0, 0, 0, 0, 0
+    dense = set()
     for call in calls:
         if call.a.numel() == 0 or call.o.numel() == 0 or call.rule is None:
             continue  # a layer that saw none of the probe's samples (routing)
@@ -778,8 +834,10 @@ def _layer_sizes(calls, n: int) -> dict:
             continue
         width, flops, inputs, max_grad = width + w, flops + f, inputs + i, max(max_grad, m)
         pair_positions, pair_width = max(pair_positions, pl * pl), max(pair_width, pl * pc)
+        if pl:
+            dense.add((pl, m // max(pc, 1), pc))
     return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad,
-            "pair_positions": pair_positions, "pair_width": pair_width}
+            "pair_positions": pair_positions, "pair_width": pair_width, "dense_layers": tuple(sorted(dense))}
 
 
 def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, layer_flops: int,
@@ -813,7 +871,7 @@ def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budg
 
     def fits(m):
         return peak_memory_estimate(m, min(n1, 16), min(n2, 16), min(k, 16), n_params, width_sum, item,
-                                    **sizes) <= budget
+                                    **sizes, pass_batch=1 if m == "structured" else None) <= budget
 
     ok = [m for m in cands if fits(m)] or cands
     return min(ok, key=lambda m: cost_estimate(m, b1, b2, k, n_params, layer_flops, width_sum, independent))
