@@ -72,6 +72,7 @@ OUTPUTS = ("trace", "full", "diagonal")
 _NTK_VECTOR_CHUNK = 32
 _METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
 _ROUTE_LOG: list | None = None  # when a list, each structured block appends {weight: dense route} (for tests)
+_PASS_BATCH: int | None = None  # when set, the structured passes' sub-batch size (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,6 +408,9 @@ def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str]
             ok -= bad
             continue
         feats.append((f0[0],) + tuple(torch.cat([f[j] for f in fs]) for j in range(1, len(f0))))
+        for p in parts:  # the sub-batches' copies go as soon as they are concatenated
+            p[0][i] = None
+        del fs
     del parts
     uses = {nm: u for nm, u in uses0.items() if nm in ok}
     return feats, uses, k, ok
@@ -746,6 +750,8 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         # quarter of the budget: blocks are then sized by the features they keep, not by the graph (fewer,
         # larger blocks, so fewer recomputed passes)
         pass_batch = max(1, int(0.25 * left // (item * (k + 2) * sizes["activations"])))
+    if impl == "structured" and _PASS_BATCH is not None:
+        pass_batch = _PASS_BATCH
 
     def need(b, kc):
         return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,

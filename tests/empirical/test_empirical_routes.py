@@ -133,3 +133,29 @@ def test_embedding_token_matches_many_repeats():
                 got = empirical_ntk(model, ids1, x2, output=output, implementation="structured", batch_size=4)
             want = _reduce(ref, output)
             assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), output
+
+
+@pytest.mark.parametrize("name", ["routes", "transformer_batch_first", "embedding_mean_pool"])
+def test_passes_in_sub_batches(monkeypatch, name):
+    """A block's forward/backward passes run in sub-batches (forced to 2 samples, blocks of 3 and of all n):
+    the concatenated features give the brute-force kernel, and nothing falls back to the Jacobian method."""
+    if name == "routes":
+        model, x1, x2, ref11, ref12 = _case("routes")
+    else:
+        model, x1, _ = ZOO[name]
+        x2 = x1[1:4]
+        ref11, ref12 = brute_force_ntk(model, x1, x1), brute_force_ntk(model, x1, x2)
+    monkeypatch.setattr(_ntk, "_PASS_BATCH", 2)
+    for output in OUTPUTS:
+        for bs in (None, 3):
+            _ntk._METHOD_LOG = log = []
+            try:
+                got = empirical_ntk(model, x1, output=output, implementation="structured", batch_size=bs)
+            finally:
+                _ntk._METHOD_LOG = None
+            assert log and all(v != "jacobian" for block in log for v in block.values())
+            want = _reduce(ref11, output)
+            assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), (output, bs)
+        got = empirical_ntk(model, x1, x2, output=output, implementation="structured", batch_size=3)
+        want = _reduce(ref12, output)
+        assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), output
