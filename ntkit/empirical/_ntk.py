@@ -16,7 +16,12 @@ Three implementations, which must agree to rounding (tested against brute-force 
   shared); an nn.Embedding the token-match counts times the cotangent products; the affine parameters of
   LayerNorm, GroupNorm and eval-mode BatchNorm their per-sample gradients sum xhat g and sum g; the input
   and output projections of nn.MultiheadAttention (and so of nn.Transformer* layers) the Linear rule on
-  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). Parameters of any other
+  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). A weight shared over
+  positions takes, per layer, the cheaper of the position-pair contraction and its per-layer Jacobian rows
+  formed from the captured inputs and cotangents (multiply-add model ``_rules.dense_cost``); with x2=None
+  each Gram matrix is computed on and above the diagonal only; the k cotangents of every recorded output come
+  from one backward pass over k + 1 stacked copies of the block (in sub-batches sized by the memory budget;
+  the last copy carries the row check below). Parameters of any other
   module fall back to the Jacobian method, restricted to them. Memory ~ (n1 + n2) k (sum of layer widths
   x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
