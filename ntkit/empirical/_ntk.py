@@ -16,7 +16,12 @@ Three implementations, which must agree to rounding (tested against brute-force 
   shared); an nn.Embedding the token-match counts times the cotangent products; the affine parameters of
   LayerNorm, GroupNorm and eval-mode BatchNorm their per-sample gradients sum xhat g and sum g; the input
   and output projections of nn.MultiheadAttention (and so of nn.Transformer* layers) the Linear rule on
-  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). Parameters of any other
+  the ``F.linear`` calls recorded while the forward runs (rules in ``_rules.py``). A weight shared over
+  positions takes, per layer, the cheaper of the position-pair contraction and its per-layer Jacobian rows
+  formed from the captured inputs and cotangents (multiply-add model ``_rules.dense_cost``); with x2=None
+  each Gram matrix is computed on and above the diagonal only; the k cotangents of every recorded output come
+  from one backward pass over k + 1 stacked copies of the block (in sub-batches sized by the memory budget;
+  the last copy carries the row check below). Parameters of any other
   module fall back to the Jacobian method, restricted to them. Memory ~ (n1 + n2) k (sum of layer widths
   x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
@@ -61,8 +66,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs, sequence_pair
-from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, feature_sizes, features, layouts,
-                     pair_term)
+from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes, features,
+                     layouts, pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
@@ -71,6 +76,8 @@ IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vector", "structured")
 OUTPUTS = ("trace", "full", "diagonal")
 _NTK_VECTOR_CHUNK = 32
 _METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
+_ROUTE_LOG: list | None = None  # when a list, each structured block appends {weight: dense route} (for tests)
+_PASS_BATCH: int | None = None  # when set, the structured passes' sub-batch size (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,6 +150,7 @@ class _Forward:
         self.buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         self.kwargs = dict(model_kwargs or {})
         self.outputs: slice | None = None
+        self.state: dict = {}  # shared by the sliced copies: e.g. whether layer outputs must be copied
 
     def sliced(self, outputs: slice | None) -> "_Forward":
         new = object.__new__(_Forward)
@@ -270,75 +278,99 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
     return {nm for nm in total if total[nm] != inside[nm]}
 
 
-def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str]):
-    """One forward with hooks and k backward passes.
+def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str], k: int | None = None):
+    """One forward of k + 1 replicas of the batch with hooks, and one backward pass.
 
     Returns ``(feats, uses, k, ok)``: ``feats[c]`` the rule's data for every recorded call (patches and
     cotangents, token ids and cotangents, or per-sample gradients; None for calls no parameter of ``ok``
     needs); ``ok`` the parameters of ``names`` that this very batch's autograd graph uses only through the
     recorded calls (:func:`_unrecorded_uses`), whose calls all have a batch layout confirmed by the row
     check and whose outputs the rule reproduces; ``uses[name] = [(c, is_weight, scale), ...]`` the calls in
-    which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale."""
-    for clone in (False, True):
+    which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale.
+
+    The samples are independent here (the structured path requires it), so the k cotangents of every layer
+    output come from one ordinary backward pass over k + 1 stacked copies of the batch: copy a receives the
+    one-hot cotangent of output unit a, the last copy random per-sample weights C for the row check. This
+    runs the model's own batched kernels (a vmapped backward pass over k cotangents falls back to slow
+    per-cotangent loops for several operations, e.g. max-pooling and batch norm)."""
+    state = fwd.state
+    if k is None:
+        with torch.no_grad():
+            k = fwd(params, x[:1]).shape[1]
+    n = x.n
+    reps = k + 1 if n > 1 else k
+    xr = Inputs.cat([x] * reps) if reps > 1 else x
+    nr = xr.n
+    for clone in ((True,) if state.get("clone") else (False, True)):
         # first without copying layer outputs; if an in-place operation downstream changed a recorded
-        # output (its version counter moved), again with the hooks returning copies
-        # parameters as fresh leaves, so the hooked layers' outputs are graph nodes to differentiate to
-        leaf_params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # views, no copy
-        rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k for k, v in leaf_params.items()})
+        # output (its version counter moved), again with the hooks returning copies (remembered for the
+        # next blocks); parameters as fresh leaves, so the hooked layers' outputs are graph nodes
+        leaf_params = {k_: v.detach().requires_grad_(True) for k_, v in params.items()}  # views, no copy
+        rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k_ for k_, v in leaf_params.items()})
         try:
             with torch.enable_grad(), rec.intercept():
-                out = fwd(leaf_params, x)
+                out = fwd(leaf_params, xr)
         except BaseException:
             rec.remove()
             raise
         rec.active = False
         if clone or all(c.o._version == ver for c, ver in zip(rec.calls, rec.versions)):
             break
+        state["clone"] = True
         rec.remove()
+        del out
     pid = {id(v_): name for name, v_ in model.named_parameters()}
-    n, k = out.shape
+    if out.shape[1] != k:
+        raise RuntimeError("the model's number of outputs changed between calls")
     # every use of each parameter in this block's own graph must be a recorded call (cheap edge count), and no
     # call may be one the rule cannot describe
     ok = set(names) - _unrecorded_uses(out, leaf_params, rec.calls, names, pid) - rec.bad_names(pid)
     for call in rec.calls:
         if call.rule is None:
             ok -= call.names
+    # cotangents: copy a (a < k) gets e_a on each of its rows; copy k (the row check) gets random weights C
+    gen = torch.Generator(device="cpu").manual_seed(4321)
+    cw = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+    seed = torch.zeros((reps, n, k), dtype=out.dtype, device=out.device)
+    idx_k = torch.arange(k, device=out.device)
+    seed[idx_k, :, idx_k] = 1.0
+    if reps > k:
+        seed[k] = cw
     try:
         with torch.enable_grad():
             node_outs = [c.o for c in rec.calls]
-            grads = _cotangents(out, node_outs) if node_outs else []
-            if node_outs and n > 1:
-                # row check: with random per-sample, per-output weights C the cotangent reaching row p of each
-                # recorded output must be sum_a C[p, a] g_a[p] -- true when sample p's output depends on row p
-                # of the layer only; a permutation of the rows (sorting the batch, say) breaks it
-                gen = torch.Generator(device="cpu").manual_seed(4321)
-                c = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
-                g_c = torch.autograd.grad((out * c).sum(), node_outs, allow_unused=True)
+            # a scalar root: torch.autograd.grad with explicit grad_outputs imports sympy on its first call
+            # in a process (seconds), which a small model's kernel should not pay
+            grads = list(torch.autograd.grad((out * seed.reshape(nr, k)).sum(), node_outs,
+                                             allow_unused=True)) if node_outs else []
     finally:
         rec.remove()
-    del out
+    del out, seed
     feats, uses = [], {}
     for idx, call in enumerate(rec.calls):
         o = call.o.detach()
+        g_all = grads[idx]
+        grads[idx] = None  # one copy of the cotangents at a time
         if not call.names & ok:
             feats.append(None)
-            grads[idx] = None
             continue
-        g_all = grads[idx] if grads[idx] is not None else torch.zeros((k,) + o.shape, dtype=o.dtype,
-                                                                       device=o.device)  # (k, *o.shape)
-        grads[idx] = None  # one copy of the cotangents at a time
+        if g_all is None:
+            g_all = torch.zeros_like(o)
         feat = None
-        for lay in layouts(call, n):  # the first layout the row check confirms
-            g = apply_layout(g_all, lay, n, offset=1).transpose(0, 1)  # (n, k, ...)
-            if n > 1:
-                want = torch.einsum("ia,ia...->i...", c, g)
-                got = apply_layout(g_c[idx] if g_c[idx] is not None else torch.zeros_like(o), lay, n)
+        for lay in layouts(call, nr):  # the first layout the row check confirms
+            gl = apply_layout(g_all, lay, nr)
+            g = gl.reshape(reps, n, *gl.shape[1:])  # (copy, sample, ...)
+            if reps > k:
+                want = torch.einsum("ia,ai...->i...", cw, g[:k])
+                got = g[k]
                 scale = float(want.abs().max()) if want.numel() else 0.0
                 if want.numel() and float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * scale + 1e-300:
                     continue
-            feat = features(call, apply_layout(call.a.detach(), lay, n), apply_layout(o, lay, n), g.detach(),
-                            leaf_params)
+            first = slice(0, n)
+            feat = features(call, apply_layout(call.a.detach(), lay, nr)[first], apply_layout(o, lay, nr)[first],
+                            g[:k].transpose(0, 1), leaf_params)
             break
+        del g_all
         if feat is None:  # no batch layout passes the checks, or the rule does not reproduce the output
             ok -= call.names
             feats.append(None)
@@ -357,32 +389,40 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     return feats, uses, k, ok
 
 
-_BATCHED_BACKWARD = True  # one vmapped backward pass over the k output units (else k passes)
-
-
-def _cotangents(out: torch.Tensor, node_outs: list) -> list:
-    """For each recorded output o, the cotangents (k, *o.shape) of the k output units summed over the batch
-    (None where unused): one backward pass batched over the k unit cotangents, or k passes when an operation
-    of the model has no batching rule."""
-    n, k = out.shape
-    if _BATCHED_BACKWARD and k > 1:
-        eye = torch.eye(k, dtype=out.dtype, device=out.device)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torch's note on operations without batching rules
-                got = torch.autograd.grad(out, node_outs, grad_outputs=eye[:, None, :].expand(k, n, k),
-                                          retain_graph=True, allow_unused=True, is_grads_batched=True)
-            return list(got)
-        except (RuntimeError, NotImplementedError):
-            pass
-    per = [torch.autograd.grad(out[:, a].sum(), node_outs, retain_graph=True, allow_unused=True) for a in range(k)]
-    return [None if all(p[i] is None for p in per) else
-            torch.stack([p[i] if p[i] is not None else torch.zeros_like(node_outs[i]) for p in per])
-            for i in range(len(node_outs))]
+def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str], k, pass_batch):
+    """:func:`_structured_features` of a block whose forward/backward passes run on sub-batches of at most
+    ``pass_batch`` samples (so that k + 1 copies of a sub-batch's graph fit the budget while the block's
+    features, and so the pairs contracted at once, stay large); the features are concatenated over the
+    sub-batches, a parameter counts as structured only if every sub-batch confirms it with the same calls."""
+    if pass_batch is None or x.n <= pass_batch:
+        return _structured_features(fwd, params, x, model, names, k)
+    parts = [_structured_features(fwd, params, x[i:i + pass_batch], model, names, k)
+             for i in range(0, x.n, pass_batch)]
+    feats0, uses0, k, ok = parts[0]
+    if any(len(p[0]) != len(feats0) for p in parts):  # the sub-batches recorded different calls
+        return _structured_features(fwd, params, x, model, names, k)
+    for _, uses, _, ok_p in parts[1:]:
+        ok = ok & ok_p
+        ok -= {nm for nm in ok if uses.get(nm) != uses0.get(nm)}
+    feats = []
+    for i, f0 in enumerate(feats0):
+        fs = [p[0][i] for p in parts]
+        if any(f is None or f[0] != f0[0] for f in fs):
+            feats.append(None)
+            bad = {nm for nm, u in uses0.items() if any(c == i for c, _, _ in u)}
+            ok -= bad
+            continue
+        feats.append((f0[0],) + tuple(torch.cat([f[j] for f in fs]) for j in range(1, len(f0))))
+        for p in parts:  # the sub-batches' copies go as soon as they are concatenated
+            p[0][i] = None
+        del fs
+    del parts
+    uses = {nm: u for nm, u in uses0.items() if nm in ok}
+    return feats, uses, k, ok
 
 
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
-                    output: str = "full", verified: set | None = None):
+                    output: str = "full", verified: set | None = None, pass_batch: int | None = None):
     """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
     if verified is None:
         rec = Recorder(model, params)
@@ -392,21 +432,26 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     if not covered:  # nothing the structured path can take: Jacobian contraction for everything
         return _ntk_jacobian(fwd, fwd2, params, x1, x2, independent=True, output=output)
     same = x2 is None and fwd2 is fwd
-    feats1, uses1, k, ok1 = _structured_features(fwd, params, x1, model, covered)
+    feats1, uses1, k, ok1 = _features_in_passes(fwd, params, x1, model, covered, None, pass_batch)
     if same:
         feats2, uses2, ok2 = feats1, uses1, ok1
     else:
-        feats2, uses2, _, ok2 = _structured_features(fwd2, params, x1 if x2 is None else x2, model, covered)
+        feats2, uses2, _, ok2 = _features_in_passes(fwd2, params, x1 if x2 is None else x2, model, covered, None,
+                                                    pass_batch)
     covered = ok1 & ok2  # verified on both blocks' own data
     uses1 = {name: u for name, u in uses1.items() if name in covered}
     feats_rule = {name: next(iter({rec_rule(feats1[c]) for c, _, _ in u})) for name, u in uses1.items()}
     n1, n2 = x1.n, (x1 if x2 is None else x2).n
     theta = None
     cache: dict = {}
+    routes: dict = {}
+    param_routes: dict = {}
     for name, us1 in uses1.items():
         for c1, weight, s1 in us1:
             for c2, _, s2 in uses2.get(name, ()):
-                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2))
+                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes)
+                if weight and (c1, c2) in routes:
+                    param_routes.setdefault(name, set()).add(routes[c1, c2])
                 scale = s1 * s2
                 if theta is None:
                     theta = term * scale if scale != 1.0 else term.clone()
@@ -420,6 +465,8 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     if _METHOD_LOG is not None:
         rules = {nm: feats_rule[nm] for nm in uses1}
         _METHOD_LOG.append({nm: ("structured:" + rules.get(nm, "unused")) if nm in covered else "jacobian" for nm in params})
+    if _ROUTE_LOG is not None:  # the route of each weight-sharing weight ("positions" or "jacobian")
+        _ROUTE_LOG.append({nm: "+".join(sorted(r)) for nm, r in param_routes.items()})
     if rest:  # parameters without known structure: Jacobian contraction over just those
         f1 = fwd_rest(fwd, params, rest)
         f2 = f1 if fwd2 is fwd else fwd_rest(fwd2, params, rest)
@@ -477,37 +524,59 @@ def _samples_independent(fwd: "_Forward", params, t1: Inputs, t2: Inputs | None)
 
 def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, width_sum: int,
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
-                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False) -> int:
+                         max_grad: int = 0, k2: int | None = None, symmetric: bool = False,
+                         pair_positions: int = 0, pair_width: int = 0, pass_batch: int | None = None,
+                         dense_layers: tuple | None = None) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
     W = ``width_sum``, the structured layers' output numbers per sample; I = ``inputs_sum``, their input
-    (patch) numbers per sample; M = ``max_grad``, the largest per-sample weight gradient a shared-position
+    (patch) numbers per sample; ``pass_batch``: samples per forward/backward pass of the structured path
+    (default m; the passes of a block run in sub-batches of this size); ``dense_layers``: (L, d, c) of each
+    weight-sharing layer, whose route (:func:`ntkit.empirical._rules.dense_route`) decides which temporaries
+    count (without it, the maxima below); ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
+    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight gradient a shared-position
     layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
     structured features are computed once (the n2 terms drop out).
 
-    * jacobian:   (n1 k + n2 k2) P   (both Jacobians) + m (1 + k) A (vmapped backward passes) + result
+    * jacobian:   max(2 n1 k, n1 k + 2 n2 k2) P (both Jacobians, each formed per parameter and then
+      concatenated; 2 n1 k P for a diagonal block of x2=None) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: 2 m A (one block's graph, and a backward pass through it) + 1.25 (n1 k + n2 k2) W
-      (cotangents from one backward pass batched over the k output units, and the copies a layer's rule
-      makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of one layer, formed in
-      row chunks of at most 2^25 numbers per side) + result; a diagonal block of x2=None computes one
-      side (the n2 terms drop out)
+    * structured: (k + 2) m A (the graph of k + 1 copies of the block's pass, and a backward pass through it) +
+      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
+      the copies a layer's rule makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of
+      one layer, formed in row chunks of at most 2^25 numbers per side) + min(2^25, n1 n2 Q) (the position
+      route's temporaries, Q = ``pair_numbers``: L^2 + 2 k L c of the widest weight-sharing layer) + result;
+      a diagonal block of x2=None computes one side (the n2 terms drop out); m in the first term is
+      min(m, ``pass_batch``)
     * result:     n1 n2 k k2
     """
     k2 = k if k2 is None else k2
     out = n1 * n2 * k * k2
     m = max(n1, n2)
+    kk = max(k, k2)
+    pos, grad = 0, 0
+    if dense_layers is None:  # sizes given as maxima only
+        pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
+        grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
+    for L, d, c in dense_layers or ():  # the temporaries of the route each weight-sharing layer takes
+        routes = {dense_route(n1, n2, k, k2, L, L, d, c, o, symmetric) for o in ("full", "trace")}
+        if "positions" in routes:
+            pos = max(pos, min(GRAD_CHUNK, n1 * n2 * (L * L + 2 * kk * L * c)))
+        if "jacobian" in routes:
+            grad = max(grad, 2 * min(m * kk * d * c, GRAD_CHUNK))
+    mp = m if pass_batch is None else min(m, pass_batch)
     if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
-        return itemsize * (2 * m * activations + (5 * n1 * k * width_sum) // 4 + n1 * inputs_sum
-                           + 2 * min(m * k * max_grad, GRAD_CHUNK) + out)
+        return itemsize * ((k + 2) * mp * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
+                           + grad + pos + out)
     if implementation == "jacobian":
-        return itemsize * ((n1 * k + n2 * k2) * n_params + m * (1 + max(k, k2)) * activations + out)
+        # each side's Jacobian per parameter, then concatenated: twice one side's size while it is formed
+        jac = max(2 * n1 * k, n1 * k + 2 * n2 * k2) if not symmetric else 2 * n1 * k
+        return itemsize * (jac * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
         return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
-    grad = 2 * min(m * max(k, k2) * max_grad, GRAD_CHUNK)
-    return itemsize * (2 * m * activations + (5 * (n1 * k + n2 * k2) * width_sum) // 4 + (n1 + n2) * inputs_sum
-                       + grad + out)
+    return itemsize * ((kk + 2) * mp * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
+                       + (n1 + n2) * inputs_sum + grad + pos + out)
 
 
 def empirical_ntk(
@@ -610,10 +679,14 @@ def _probe(fwd: _Forward, chosen, model, x: Inputs):
     """One forward with the structured layers recorded and the autograd graph's saved tensors counted:
     (output, recorded calls, saved bytes)."""
     seen: dict = {}
+    # the parameters are saved by the graph too, but once, not per sample: not activations
+    shared = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
 
     def pack(t):
         try:
             key = (t.untyped_storage().data_ptr(), t.device)
+            if key in shared:
+                return t
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
         except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested, ...)
             pass
@@ -627,6 +700,8 @@ def _probe(fwd: _Forward, chosen, model, x: Inputs):
             out = fwd(leaf, x)
     finally:
         rec.remove()
+    if any(c.o._version != ver for c, ver in zip(rec.calls, rec.versions)):
+        fwd.state["clone"] = True  # an in-place operation changes a layer output: the blocks copy outputs
     calls = [Call(c.rule, c.module, c.a.detach(), c.o.detach(), c.w, c.b, extra=c.extra) for c in rec.calls]
     return out.detach(), calls, sum(seen.values())
 
@@ -650,6 +725,7 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     item = torch.finfo(dtype).bits // 8
     sizes = _layer_sizes(calls, probe_x.n)
     sizes["activations"] = -(-saved // (item * probe_x.n))
+
     width_sum, layer_flops = sizes.pop("width"), sizes.pop("flops")
     budget = 0.5 * available_memory_bytes(device) if memory_budget is None else float(memory_budget)
     if not budget > 0:
@@ -676,9 +752,18 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         verified = set(rec_s.covered)
         rec_s.remove()
 
+    pass_batch = None
+    if impl == "structured" and sizes["activations"] > 0:
+        # the forward/backward passes of a block run on sub-batches whose k + 1 copies' graph takes at most a
+        # quarter of the budget: blocks are then sized by the features they keep, not by the graph (fewer,
+        # larger blocks, so fewer recomputed passes)
+        pass_batch = max(1, int(0.25 * left // (item * (k + 2) * sizes["activations"])))
+    if impl == "structured" and _PASS_BATCH is not None:
+        pass_batch = _PASS_BATCH
+
     def need(b, kc):
         return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
-                                    symmetric=t2 is None and b >= n1 and kc >= k)
+                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch)
 
     bs = batch_size if batch_size is not None else max(n1, n2)
     kc = output_batch_size if output_batch_size is not None else k
@@ -717,7 +802,7 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
             ri, rj = slice(i0, i0 + a.n), slice(j0, j0 + nb)
             for oa, ob in opairs:
                 f1, f2 = fwds[oa.start, oa.stop], fwds[ob.start, ob.stop]
-                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified)
+                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch)
                 if out_full:
                     result[ri, rj, oa, ob] = block
                     if t2 is None and not same_block:
@@ -738,13 +823,13 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     return result
 
 
-def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None):
+def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
         return _ntk_jacobian(fwd, fwd2, params, a, b, independent, output)
     if impl == "ntk_vector":
         return _reduce(_ntk_vector(fwd, fwd2, params, a, b), output)
-    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified)
+    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch)
 
 
 def _layer_sizes(calls, n: int) -> dict:
@@ -752,16 +837,21 @@ def _layer_sizes(calls, n: int) -> dict:
     width W = output numbers per sample (cotangents kept per output unit), inputs_sum = input/patch numbers
     per sample, max_grad = the largest per-sample weight gradient of a shared-position layer, flops F =
     forward FLOPs per sample (2 x positions x fan-in x fan-out)."""
-    width, flops, inputs, max_grad = 0, 0, 0, 0
+    width, flops, inputs, max_grad, pair_positions, pair_width = 0, 0, 0, 0, 0, 0
+    dense = set()
     for call in calls:
         if call.a.numel() == 0 or call.o.numel() == 0 or call.rule is None:
             continue  # a layer that saw none of the probe's samples (routing)
         try:
-            w, f, i, m = feature_sizes(call, n)
+            w, f, i, m, pl, pc = feature_sizes(call, n)
         except (RuntimeError, ValueError, NotImplementedError):
             continue
         width, flops, inputs, max_grad = width + w, flops + f, inputs + i, max(max_grad, m)
-    return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad}
+        pair_positions, pair_width = max(pair_positions, pl * pl), max(pair_width, pl * pc)
+        if pl:
+            dense.add((pl, m // max(pc, 1), pc))
+    return {"width": max(width, 1), "flops": max(flops, 1), "inputs_sum": inputs, "max_grad": max_grad,
+            "pair_positions": pair_positions, "pair_width": pair_width, "dense_layers": tuple(sorted(dense))}
 
 
 def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, layer_flops: int,
@@ -795,7 +885,7 @@ def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budg
 
     def fits(m):
         return peak_memory_estimate(m, min(n1, 16), min(n2, 16), min(k, 16), n_params, width_sum, item,
-                                    **sizes) <= budget
+                                    **sizes, pass_batch=1 if m == "structured" else None) <= budget
 
     ok = [m for m in cands if fits(m)] or cands
     return min(ok, key=lambda m: cost_estimate(m, b1, b2, k, n_params, layer_flops, width_sum, independent))

@@ -398,23 +398,25 @@ def features(call: Call, a: torch.Tensor, o: torch.Tensor, g: torch.Tensor, para
     return ("grad", gw, gb)
 
 
-def feature_sizes(call: Call, n: int) -> tuple[int, int, int, int]:
+def feature_sizes(call: Call, n: int) -> tuple[int, int, int, int, int, int]:
     """Per sample, for the cost and memory models: (output numbers kept per output unit, forward FLOPs,
-    input/patch numbers kept, size of the per-sample weight gradient formed when positions are many)."""
+    input/patch numbers kept, size d c of the per-sample weight gradient of a weight-sharing layer, its
+    positions L and output channels c) -- the last three 0 for layers used at one position."""
     o, a = call.o, call.a
     per_o = o.numel() // max(n, 1)
     if call.rule in ("linear", "conv"):
         lay = next(iter(layouts(call, n)), None)
         if lay is None:
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0, 0
         pa = patches(call.module, apply_layout(a, lay, n)[:1])
         positions, d = pa.shape[1], pa.shape[2]
         c = per_o // max(positions, 1)
-        many = positions > 1 and positions * positions * (d + c) > d * c
-        return int(per_o), 2 * positions * d * c, int(pa.numel()), d * c if many else 0
+        if positions == 1:
+            return int(per_o), 2 * d * c, int(pa.numel()), 0, 0, 0
+        return int(per_o), 2 * positions * d * c, int(pa.numel()), d * c, positions, c
     if call.rule == "embedding":
-        return int(per_o), per_o, int(a.numel() // max(n, 1)), 0
-    return int(per_o), 8 * per_o, int(per_o), 0
+        return int(per_o), per_o, int(a.numel() // max(n, 1)), 0, 0, 0
+    return int(per_o), 8 * per_o, int(per_o), 0, 0, 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,55 +493,183 @@ def _embedding_term(e1, e2, output: str) -> torch.Tensor:
     return out.reshape(n1, n2, *shape[1:])
 
 
-def pair_term(f1, f2, weight: bool, output: str, cache: dict, key) -> torch.Tensor:
+def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, positions2: int, d: int, c: int,
+               output: str, symmetric: bool = False) -> float:
+    """Multiply-adds of one weight-sharing (Linear over positions, convolution) call pair, by route.
+
+    With a_p the patch (d numbers) and g_ap the cotangent of output unit a (c numbers) at position p:
+
+    * ``"positions"``: sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq): the patch products (n1 n2 L1 L2 d), then for
+      "full" T_{ij p b} = sum_q (a1_p . a2_q) g2_bq (n1 n2 L1 L2 k2 c) contracted with g1 (n1 n2 L1 c k1 k2);
+      for "trace"/"diagonal" the cotangent products (n1 n2 L1 L2 k c). Cost grows like positions^2: cheap for
+      few positions.
+    * ``"jacobian"``: the per-layer Jacobian rows J_a = sum_p g_ap (x) a_p (d c numbers per sample and output,
+      from the captured inputs and cotangents: n k L d c, no extra backward pass), then their inner products
+      (n1 n2 k1 k2 d c for "full", n1 n2 k d c otherwise; half of that for a symmetric diagonal block).
+      Independent of the positions: cheap for many positions and narrow layers.
+    """
+    kk = k1 * k2 if output == "full" else k1
+    if route == "positions":
+        extra = n1 * n2 * kk * positions1 * c if output == "full" else 0
+        return float(n1 * n2 * positions1 * positions2 * (d + k2 * c) + extra)
+    form = n1 * k1 * positions1 * d * c + (0 if symmetric else n2 * k2 * positions2 * d * c)
+    return float(form + (0.5 if symmetric else 1.0) * n1 * n2 * kk * d * c)
+
+
+def dense_route(n1, n2, k1, k2, positions1, positions2, d, c, output, symmetric=False) -> str:
+    """The cheaper route of :func:`dense_cost` for one call pair (per layer, never per model)."""
+    args = (n1, n2, k1, k2, positions1, positions2, d, c, output, symmetric)
+    return "positions" if dense_cost("positions", *args) <= dense_cost("jacobian", *args) else "jacobian"
+
+
+SYM_MIN_ROWS = 8  # a symmetric Gram matrix is computed in row chunks of at least this many samples
+
+
+def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
+    """:func:`contract` (u, u, output) computing only the chunks on and above the diagonal (the rest mirrored):
+    about (1 + 1/c)/2 of the multiply-adds with c chunks."""
+    n = u.shape[0]
+    chunks = min(6, n // SYM_MIN_ROWS)
+    if chunks < 2:
+        return contract(u, u, output)
+    step = -(-n // chunks)
+    out = None
+    for i0 in range(0, n, step):
+        i1 = min(i0 + step, n)
+        part = contract(u[i0:i1], u[i0:], output)  # rows i0:i1, columns i0:n
+        if out is None:
+            out = torch.empty((n, n) + part.shape[2:], dtype=part.dtype, device=part.device)
+        out[i0:i1, i0:] = part
+        if i1 < n:
+            rest = part[:, i1 - i0:]
+            out[i1:, i0:i1] = rest.transpose(0, 1).transpose(2, 3) if output == "full" else rest.transpose(0, 1)
+    return out
+
+
+def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
+    """sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq) in row chunks of x1 whose temporaries hold at most ~GRAD_CHUNK
+    numbers; with ``same`` (x2 is x1) only the columns from the chunk's first row on, mirrored.
+
+    "trace"/"diagonal": two matrix products with long inner dimensions, the patch products (n1 L1 x n2 L2,
+    inner d) and the cotangent products summed over the output units (inner k c) or per unit (inner c),
+    multiplied and summed over the position pairs. "full": T = sum_q (a1_p . a2_q) g2_bq first (n1 n2 L1 L2 k c),
+    then contracted with g1 over (p, c) -- cheaper than the k^2 L^2 cotangent products when L > k."""
+    n1, k1, L1, c = g1.shape
+    n2, k2, L2, _ = g2.shape
+    d = a1.shape[2]
+    if output == "full":
+        per_row = n2 * L1 * (L2 + 2 * k2 * c)
+    else:
+        per_row = n2 * L1 * L2 * (2 if output == "trace" else k1 + 1)
+    rows = max(1, GRAD_CHUNK // max(1, per_row))
+    if same and n1 > SYM_MIN_ROWS:
+        rows = min(rows, max(SYM_MIN_ROWS, -(-n1 // 6)))
+    if output == "trace":
+        h1 = g1.permute(0, 2, 1, 3).reshape(n1 * L1, k1 * c)
+        h2 = h1 if same else g2.permute(0, 2, 1, 3).reshape(n2 * L2, k2 * c)
+    elif output == "diagonal":
+        h1 = g1.permute(1, 0, 2, 3).reshape(k1, n1 * L1, c)
+        h2 = h1 if same else g2.permute(1, 0, 2, 3).reshape(k2, n2 * L2, c)
+    out = None
+    for i0 in range(0, n1, rows):
+        i1 = min(i0 + rows, n1)
+        j0 = i0 if same else 0
+        r, m = i1 - i0, n2 - j0
+        if output == "full":
+            aa = torch.einsum("ipd,jqd->ijpq", a1[i0:i1], a2[j0:])
+            t = torch.einsum("ijpq,jbqc->ijpbc", aa, g2[j0:])
+            del aa
+            part = torch.einsum("iapc,ijpbc->ijab", g1[i0:i1], t)
+            del t
+        else:
+            aa = a1[i0:i1].reshape(r * L1, d) @ a2[j0:].reshape(m * L2, d).T  # (r L1, m L2)
+            if output == "trace":
+                gg = h1[i0 * L1:i1 * L1] @ h2[j0 * L2:].T
+                part = (gg.mul_(aa)).reshape(r, L1, m, L2).sum((1, 3)).div_(k1)
+            else:
+                gg = torch.bmm(h1[:, i0 * L1:i1 * L1], h2[:, j0 * L2:].transpose(1, 2))  # (k, r L1, m L2)
+                part = gg.mul_(aa).reshape(k1, r, L1, m, L2).sum((2, 4)).permute(1, 2, 0)
+            del aa, gg
+        if out is None:
+            out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
+        out[i0:i1, j0:] = part
+        if same and i1 < n2:
+            rest = part[:, i1 - j0:]
+            out[i1:, i0:i1] = rest.transpose(0, 1).transpose(2, 3) if output == "full" else rest.transpose(0, 1)
+        del part
+    return out
+
+
+def layer_jacobian(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-layer Jacobian rows J[i, a] = sum_p g[i, a, p] (x) a[i, p] of a weight-sharing layer, (n, k, c d),
+    from its inputs a (n, L, d) and output cotangents g (n, k, L, c): one batched matrix product per sample,
+    written contiguously (the (c, d) order of the flattened weight is the same on both sides of a pair)."""
+    n, k, L, c = g.shape
+    gt = g.transpose(2, 3).reshape(n, k * c, L)
+    return torch.bmm(gt, a).reshape(n, k, c * a.shape[2])
+
+
+def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict | None = None) -> torch.Tensor:
     """Contribution of one (use in x1, use in x2) pair of a weight or bias, unscaled.
 
     Dense calls on one position (a Linear on flat input): (a1 a2^T) (.) (g1 g2^T), and g1 g2^T alone for the
     bias -- the product g1 g2^T is computed once per call pair and shared by weight and bias. Weights shared
-    over positions p (convolutions, Linear over a sequence): sum_{p, p'} (a1_p . a2_p') (g1_p . g2_p'),
-    contracted over position pairs when there are few, otherwise through per-sample weight gradients.
-    Embeddings: token matches; norms: their per-sample gradients."""
+    over positions p (convolutions, Linear over a sequence): the cheaper of two routes by :func:`dense_cost`,
+    chosen per call pair (``routes[key]`` records it): the position-pair contraction or the per-layer
+    Jacobian (per-sample weight gradients). Embeddings: token matches; norms: their per-sample gradients.
+    With ``f2 is f1`` (a diagonal block of x2=None) only half of each symmetric Gram matrix is computed."""
     kind = f1[0]
+    same = f2 is f1
     if kind == "grad":
-        return contract(f1[1] if weight else f1[2], f2[1] if weight else f2[2], output)
+        u1, u2 = (f1[1], f2[1]) if weight else (f1[2], f2[2])
+        return contract_sym(u1, output) if same else contract(u1, u2, output)
     if kind == "embedding":
         return _embedding_term(f1, f2, output)
     (_, a1, g1), (_, a2, g2) = f1, f2
     L1, L2 = a1.shape[1], a2.shape[1]
     if L1 == 1 and L2 == 1:
         if ("gg", key) not in cache:
-            cache["gg", key] = contract(g1[:, :, 0], g2[:, :, 0], output)
+            u1, u2 = g1[:, :, 0], g2[:, :, 0]
+            cache["gg", key] = contract_sym(u1, output) if same else contract(u1, u2, output)
         if not weight:
             return cache["gg", key]
+        if routes is not None:
+            routes[key] = "one-position"
         return _expand(a1[:, 0] @ a2[:, 0].T, output) * cache["gg", key]
     if not weight:  # bias: sum over positions of g
-        return contract(g1.sum(2), g2.sum(2), output)
-    d, c = a1.shape[2], g1.shape[3]
-    if L1 * L2 * (d + c) <= d * c:  # few positions: contract over position pairs
-        aa = torch.einsum("ipd,jqd->ijpq", a1, a2)
-        spec = {"full": "ijab", "diagonal": "ija", "trace": "ij"}[output]
-        term = torch.einsum(f"ijpq,iapc,j{'a' if output != 'full' else 'b'}qc->{spec}", aa, g1, g2)
-        return term.div_(g1.shape[1]) if output == "trace" else term
-    # many positions: per-sample weight gradients (n, k, d c), then their inner products -- in row chunks
+        u1 = g1.sum(2)
+        return contract_sym(u1, output) if same else contract(u1, g2.sum(2), output)
+    n1, k, _, c = g1.shape
+    n2, k2 = g2.shape[:2]
+    d = a1.shape[2]
+    route = dense_route(n1, n2, k, k2, L1, L2, d, c, output, same)
+    if routes is not None:
+        routes[key] = route
+    if route == "positions":
+        return _positions_term(a1, g1, a2, g2, output, same)
+    # per-layer Jacobian: per-sample weight gradients (n, k, d c), then their inner products -- in row chunks
     # of at most GRAD_CHUNK numbers per side
-    k = g1.shape[1]
     rows = max(1, GRAD_CHUNK // max(1, k * d * c))
-    n1, n2 = a1.shape[0], a2.shape[0]
     if n1 <= rows and n2 <= rows:
         if ("m1", key[0]) not in cache:
-            cache["m1", key[0]] = torch.einsum("ipd,iapc->iadc", a1, g1).flatten(2)
+            cache["m1", key[0]] = layer_jacobian(a1, g1)
         m1 = cache["m1", key[0]]
-        m2 = m1 if f2 is f1 else torch.einsum("ipd,iapc->iadc", a2, g2).flatten(2)
+        if same:
+            return contract_sym(m1, output)
+        m2 = layer_jacobian(a2, g2)
         return contract(m1, m2, output)
     out = None
     for i0 in range(0, n1, rows):
-        m1 = torch.einsum("ipd,iapc->iadc", a1[i0:i0 + rows], g1[i0:i0 + rows]).flatten(2)
-        for j0 in range(0, n2, rows):
-            m2 = torch.einsum("ipd,iapc->iadc", a2[j0:j0 + rows], g2[j0:j0 + rows]).flatten(2)
-            part = contract(m1, m2, output)
+        m1 = layer_jacobian(a1[i0:i0 + rows], g1[i0:i0 + rows])
+        for j0 in range(i0 if same else 0, n2, rows):
+            m2 = m1 if same and j0 == i0 else layer_jacobian(a2[j0:j0 + rows], g2[j0:j0 + rows])
+            part = contract_sym(m1, output) if m2 is m1 else contract(m1, m2, output)
             if out is None:
                 out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
             out[i0:i0 + rows, j0:j0 + rows] = part
+            if same and j0 != i0:
+                out[j0:j0 + rows, i0:i0 + rows] = (part.transpose(0, 1).transpose(2, 3) if output == "full"
+                                                   else part.transpose(0, 1))
             del m2, part
         del m1
     return out

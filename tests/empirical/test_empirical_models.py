@@ -325,6 +325,12 @@ if kind == "cnn":
                           nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Flatten(), nn.Linear(32 * 8 * 8, 20)).eval()
     x = torch.randn(40, 3, 16, 16)
+elif kind == "routes":  # a many-position stem (per-layer Jacobian route), a few-position wide conv (positions)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                          nn.MaxPool2d(4), nn.Conv2d(16, 128, 3, stride=4, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(128 * 4, 20)).eval()
+    x = torch.randn(48, 3, 32, 32)
+    E._ROUTE_LOG = routes = []
 else:
     class Enc(nn.Module):
         def __init__(self):
@@ -342,6 +348,8 @@ seen = []
 orig = E.peak_memory_estimate
 E.peak_memory_estimate = lambda *a, **kw: seen.append(orig(*a, **kw)) or seen[-1]
 empirical_ntk(model, x[:2], output="full")  # warm-up: allocator, lazy imports
+if kind == "routes":
+    routes.clear()
 seen.clear()
 gc.collect()
 page = os.sysconf("SC_PAGE_SIZE")
@@ -355,15 +363,19 @@ def sample():
         time.sleep(0.0005)
 t = threading.Thread(target=sample, daemon=True)
 t.start()
-out = empirical_ntk(model, x, output="full", memory_budget=budget)
+out = empirical_ntk(model, x, output="full", memory_budget=budget,
+                   implementation="structured" if kind == "routes" else "auto")
 done.set()
 t.join()
 peak = max(top[0], rss()) - base
+if kind == "routes":
+    assert {r for block in routes for r in block.values()} >= {"jacobian", "positions"}, routes
 print(json.dumps({"peak": peak, "estimate": seen[-1] + out.numel() * 4}))
 '''
 
 
-@pytest.mark.parametrize("kind,budget", [("cnn", 4e9), pytest.param("transformer", 6e7, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind,budget", [("cnn", 4e9), ("routes", 4e9), ("routes", 3e8),
+                                         pytest.param("transformer", 6e7, marks=pytest.mark.slow)])
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_peak_memory_estimate_is_truthful(kind, budget):
     """The measured peak (growth of the resident set over the call, sampled every 0.5 ms, in a fresh process) of a full k = 20
