@@ -161,7 +161,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
         return sol.predict(xte), sol.lam
     (pred, lam), t_exact = _timed(exact)
     acc_exact = _accuracy(pred, lte)
-    rows = [{"method": "exact NTK (Cholesky)", "m": None, "accuracy (%)": 100 * acc_exact, "time (s)": t_exact}]
+    rows = [{"method": "exact NTK (Cholesky)", "m": "-", "accuracy (%)": 100 * acc_exact, "time (s)": t_exact}]
     acc, tim = {}, {}
     for name, make in MAPS.items():
         acc[name], tim[name] = [], []
