@@ -6,6 +6,9 @@
    width 64) on Gaussian inputs, d = 32, plus noise; features + ridge at n = 1e4 ... 1e6 (time, peak RSS,
    log-log slope of time vs n); at n = 2e4 the exact NTK (direct solve) vs features in the same run;
    FALKON (Nystrom KRR by preconditioned CG, 2000 centers) at n = 2e4 and 1e5.
+3. ``--fair``: at n = n0 the exact NTK vs feature maps (random features, leverage-score features, NTK
+   Sketch) over m, every regressor with its own ridge picked by the same validation split of the
+   training data; test MSE and times of both.
 
     python benchmarks/bench_features.py --mnist ../shared/data/mnist --out bench_features.json
 """
@@ -22,7 +25,7 @@ import torch
 
 import ntkit
 from ntkit.experiments.data import load_mnist
-from ntkit.features import NTKRandomFeatures
+from ntkit.features import NTKRandomFeatures, NTKSketch
 from ntkit.solvers import cholesky, falkon, feature_ridge
 from ntkit.solvers._common import regularization
 
@@ -191,6 +194,117 @@ def scaling(args, out):
     out["scaling"] = res
 
 
+# ------------------------------------------------------------------------------------------------
+# n = n0: exact NTK vs features, each with its own ridge picked by the same validation procedure
+def _val_split(n, frac):
+    n_val = int(round(frac * n))
+    return n - n_val
+
+
+def fair_comparison(args, out):
+    """Exact NTK regression vs ridge on features at n = n0, tuned alike on the training data only.
+
+    Procedure, identical for every regressor: the training set is split into its first 80% (fit) and last
+    20% (validation); lambda = r x mean diag K for r in --lam-grid; the r with the lowest validation MSE is
+    refit on all n0 training points and scored once on the held-out test set. Exact: one fit Gram, one
+    Cholesky per r. Features: Phi_fit^T Phi_fit eigendecomposed once, every r from it. Times: the final fit
+    (kernel or features + solve + test predictions) and the tuning, separately.
+    """
+    d = 32
+    arch = ntkit.mlp(args.depth, W_std=2**0.5, b_std=0.1)
+    kf = arch.kernel_fn("ntk")
+    xte, yte = teacher_data(5000, d, 999, args.noise)
+    x, y = teacher_data(args.n0, d, 0, args.noise)
+    n_fit = _val_split(args.n0, 0.2)
+    xf, yf, xv, yv = x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]
+    mean_diag = float(kf(xf, diagonal=True).mean())
+    grid = list(args.lam_grid)
+    res = {"n": args.n0, "n_fit": n_fit, "n_val": args.n0 - n_fit, "n_test": len(xte), "d": d, "noise": args.noise,
+           "test_target_variance": float(yte.var()), "lam_grid_times_mean_diag": grid, "mean_diag_fit": mean_diag,
+           "features": []}
+    out["fair"] = res
+
+    def mse(pred, target):
+        return float(((pred - target) ** 2).mean())
+
+    for spec in args.fair_maps:
+        kind, m = spec.split(":")
+        m = int(m)
+
+        def make():
+            if kind == "sketch":
+                return NTKSketch(arch, m, random_state=0, dtype=torch.float32, progress=False)
+            return NTKRandomFeatures(arch, m, random_state=0, dtype=torch.float32, progress=False,
+                                     sampling="leverage" if kind == "leverage" else "gaussian")
+
+        def tune_features():
+            fm = make().fit(xf)
+            a = b = None
+            for i, f in fm.iter_transform(xf):
+                fa, fb = (f.T @ f).double(), (f.T @ yf[i:i + len(f)].to(f.dtype)).double()
+                a = fa if a is None else a.add_(fa)
+                b = fb if b is None else b.add_(fb)
+            w, v = torch.linalg.eigh(a)
+            fv = torch.cat([f.double() for _, f in fm.iter_transform(xv)]) @ v
+            vb = v.T @ b
+            return [mse(fv @ (vb / (w.clamp_min(0) + r * mean_diag)[:, None]), yv) for r in grid]
+        errs, t_tune = timed(tune_features)
+        r_best = grid[int(np.argmin(errs))]
+        lam = r_best * float(kf(x, diagonal=True).mean())
+
+        def fit_predict():
+            fm = make().fit(x)
+            w = feature_ridge(fm, x, y, lam)
+            return torch.cat([f.double() @ w for _, f in fm.iter_transform(xte)])
+        pred, t = timed(fit_predict)
+        row = {"map": kind, "n_components": m, "validation_mse": errs, "r": r_best, "lambda": lam,
+               "test_mse": mse(pred, yte), "time_s": t, "tune_time_s": t_tune}
+        res["features"].append(row)
+        save(args, out)
+        print(f"n={args.n0} {kind} m={m}: r={r_best:g} test mse {row['test_mse']:.4f}"
+              + f", fit {t:.1f} s, tuning {t_tune:.1f} s; validation {['%.4f' % e for e in errs]}", flush=True)
+
+    if not args.skip_exact:
+        import scipy.linalg as sl
+
+        def tune_exact():
+            k = arch.kernel(xf, None, "ntk", dtype=torch.float64)
+            kv = kf(xv, xf)
+            errs = []
+            for r in grid:
+                kk = k.clone()
+                kk.diagonal().add_(r * mean_diag)  # factorized in place (as ntkit.solvers.cholesky does)
+                c = sl.cho_factor(kk.numpy().T, lower=False, overwrite_a=True, check_finite=False)
+                alpha = torch.from_numpy(sl.cho_solve(c, yf.numpy(), check_finite=False))
+                del kk, c
+                errs.append(mse(kv @ alpha, yv))
+                print(f"  exact validation r={r:g}: {errs[-1]:.4f}", flush=True)
+            return errs
+        errs, t_tune = timed(tune_exact)
+        r_best = grid[int(np.argmin(errs))]
+        lam = r_best * float(kf(x, diagonal=True).mean())
+
+        def exact():
+            coef = cholesky(kf, x, y, lam, memory_budget=args.memory_budget)
+            return torch.cat([kf(xte[i:i + 1000], x) @ coef for i in range(0, len(xte), 1000)])
+        pred, t = timed(exact)
+        res["exact"] = {"validation_mse": errs, "r": r_best, "lambda": lam, "test_mse": mse(pred, yte),
+                        "time_s": t, "tune_time_s": t_tune, "rss_gb": rss_gb()}
+        save(args, out)
+        print(f"n={args.n0} exact: r={r_best:g} test mse {mse(pred, yte):.4f}, fit {t:.1f} s, tuning {t_tune:.1f} s",
+              flush=True)
+
+    if "exact" in res:  # ratios once both are measured (features first: the exact solve is the long part)
+        ex = res["exact"]
+        for row in res["features"]:
+            row["mse_ratio"] = row["test_mse"] / ex["test_mse"]
+            row["time_ratio"] = ex["time_s"] / row["time_s"]
+            row["time_ratio_with_tuning"] = (ex["time_s"] + ex["tune_time_s"]) / (row["time_s"] + row["tune_time_s"])
+            print(f"  {row['map']} m={row['n_components']}: MSE {row['mse_ratio']:.3f} x exact, "
+                  f"{row['time_ratio']:.1f}x less time ({row['time_ratio_with_tuning']:.1f}x with tuning)", flush=True)
+        save(args, out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default="../shared/data/mnist")
@@ -209,11 +323,22 @@ def main():
     p.add_argument("--skip-exact", action="store_true")
     p.add_argument("--skip-mnist", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--fair", action="store_true",
+                   help="only the n = n0 exact-vs-features comparison with each regressor's ridge tuned alike")
+    p.add_argument("--lam-grid", type=float, nargs="*", default=[1e-3, 1e-2, 1e-1, 1.0],
+                   help="lambda / mean diag K candidates of --fair")
+    p.add_argument("--fair-maps", nargs="*", default=["gaussian:512", "gaussian:1024", "gaussian:2048",
+                                                      "gaussian:4096", "leverage:1024", "leverage:2048",
+                                                      "leverage:4096", "sketch:1024", "sketch:2048", "sketch:4096"],
+                   help="feature maps of --fair as KIND:M, KIND in gaussian, leverage, sketch")
     p.add_argument("--out", default="bench_features.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = {"args": vars(args), "torch": torch.__version__, "threads": args.threads}
     t0 = time.perf_counter()
+    if args.fair:
+        args.skip_scaling = args.skip_mnist = True
+        fair_comparison(args, out)
     if not args.skip_scaling:
         scaling(args, out)
     if not args.skip_mnist:

@@ -19,6 +19,7 @@ LEVELS = {
     "reports": 3,
     "report": 3,
     "_progress": 0,
+    "_dask": 0,
     "distributed": 3,
     "store": 2,
     "solvers": 2,

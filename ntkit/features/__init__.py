@@ -8,6 +8,7 @@
 
 Transformers in the scikit-learn ``kernel_approximation`` style: ``fit`` / ``transform`` /
 ``fit_transform`` / ``iter_transform``; numpy in -> numpy out, torch in -> torch out.
+``transform(X, scheduler="local" | address | Client)`` computes the same features as tasks on dask.distributed.
 """
 
 from ._random_features import NTKRandomFeatures

@@ -95,9 +95,9 @@ class FeatureMap:
         self._fit(d, make_generator(getattr(self, "random_state", None)))
         return self
 
-    def fit_transform(self, X: Any, y: Any = None) -> Any:
-        """``fit(X).transform(X)``."""
-        return self.fit(X).transform(X)
+    def fit_transform(self, X: Any, y: Any = None, *, scheduler: Any = None) -> Any:
+        """``fit(X).transform(X, scheduler=scheduler)``."""
+        return self.fit(X).transform(X, scheduler=scheduler)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_features_in_"):
@@ -157,12 +157,27 @@ class FeatureMap:
                               enabled=self.progress if len(starts) > 1 else False):
                 yield i, self._features(t[i:i + rows])
 
-    def transform(self, X: Any) -> Any:
+    def transform(self, X: Any, *, scheduler: Any = None) -> Any:
         """Features of the rows of ``X``: (n, n_components_), numpy for numpy input, torch for torch input.
 
         Computed in batches of rows (``batch_size``, or as many as ``memory_budget`` -- bytes of working
-        memory per batch -- allows); the output itself must fit in the free memory -- for larger ``n`` consume :meth:`iter_transform` batch by batch.
+        memory per batch -- allows); the output itself must fit in the free memory -- for larger ``n``
+        consume :meth:`iter_transform` batch by batch.
+
+        ``scheduler`` (as in :func:`ntkit.store_kernel`): None computes in this process; ``"local"``
+        starts a ``dask.distributed`` LocalCluster on the loopback interface for the call; a scheduler
+        address (``"tcp://host:8786"``) or a ``distributed.Client`` uses that cluster. The fitted map is
+        sent to the workers once and chunks of rows (>= ~100 ms of work each) are tasks; the features
+        are those of the in-process transform (same random matrices; computed on the workers' CPUs, so
+        a CUDA input gets CPU-computed features back on its device). An unreachable address raises a
+        ConnectionError within ``distributed.comm.timeouts.connect``.
         """
+        if scheduler is not None:
+            from .._dask import check_scheduler
+            from ._dask import dask_transform
+
+            check_scheduler(scheduler)
+            return dask_transform(self, X, scheduler)
         t, numpy_in = self._prepare(X)
         n, m = t.shape[0], self.n_components_
         # memory_budget bounds the work per batch; the output itself must fit in what is free

@@ -117,7 +117,7 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, x):
 
 
 def test_torch_threads_per_worker_share_the_machine():
-    from ntkit.store._dask import _torch_threads
+    from ntkit._dask import torch_threads
 
     class FakeClient:  # two machines: 16 cores with 2 workers x 2 threads, 8 cores with 1 worker x 1 thread
         def scheduler_info(self, n_workers=-1):
@@ -127,4 +127,4 @@ def test_torch_threads_per_worker_share_the_machine():
         def run(self, fn):
             return {"tcp://a:1": 16, "tcp://a:2": 16, "tcp://b:1": 8}
 
-    assert _torch_threads(FakeClient()) == {"tcp://a:1": 4, "tcp://a:2": 4, "tcp://b:1": 8}
+    assert torch_threads(FakeClient()) == {"tcp://a:1": 4, "tcp://a:2": 4, "tcp://b:1": 8}

@@ -24,7 +24,10 @@ Ours
     * Gram error: ||Phi Phi^T - K||_F / ||K||_F on a fixed subset of the images, mean and standard error
       over S seeds of the feature map; power law fitted with those errors (:func:`._common.fit_power_law`).
       Claim, per map: the exponent is within 3 standard errors of -1/2 (the sketch's deterministic
-      polynomial-fit error, ``fit_error_`` ~ 0.016, sits below the sketching noise on this grid).
+      polynomial-fit error, ``fit_error_`` ~ 0.016, sits below the sketching noise on this grid; on MNIST
+      8000/2000 kernel ridge regression with the duals replaced by their degree-8 polynomials scores 97.75 %
+      against the exact kernel's 97.50 %, so the sketch's accuracy gap at finite m is sketching variance, not
+      the fit).
     * Accuracy: ridge regression (one-hot targets minus 0.1, arg-max) with the same lambda = diag_reg x
       mean diag K for the exact kernel (:func:`ntkit.solvers.kernel_ridge`, Cholesky) and for the features
       (``solver="features"``), so the feature estimator converges to the exact one as m grows. Claims: at
@@ -158,7 +161,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
         return sol.predict(xte), sol.lam
     (pred, lam), t_exact = _timed(exact)
     acc_exact = _accuracy(pred, lte)
-    rows = [{"method": "exact NTK (Cholesky)", "m": None, "accuracy (%)": 100 * acc_exact, "time (s)": t_exact}]
+    rows = [{"method": "exact NTK (Cholesky)", "m": "-", "accuracy (%)": 100 * acc_exact, "time (s)": t_exact}]
     acc, tim = {}, {}
     for name, make in MAPS.items():
         acc[name], tim[name] = [], []
