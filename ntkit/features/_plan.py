@@ -65,12 +65,12 @@ def _flatten(layers, out):
     return out
 
 
-def read_architecture(architecture: Any, kernel: str, *, supported: str = SUPPORTED) -> tuple[Architecture, list]:
-    """(Architecture, ops) or a ConfigError naming the first unsupported layer and what is supported."""
+def _checked(architecture: Any, kernel: str, builders: str) -> Architecture:
+    """The Architecture of ``architecture`` (or its config), after the checks every feature map shares."""
     if isinstance(architecture, (dict, str)):
         architecture = from_config(architecture)
     if not isinstance(architecture, Architecture):
-        raise TypeError(f"architecture must be an ntkit.Architecture (ntkit.serial / ntkit.mlp) or its config, "
+        raise TypeError(f"architecture must be an ntkit.Architecture ({builders}) or its config, "
                         f"got {type(architecture).__name__}")
     if kernel not in ("ntk", "nngp"):
         raise ValueError(f"kernel must be 'ntk' or 'nngp', got {kernel!r}")
@@ -79,6 +79,12 @@ def read_architecture(architecture: Any, kernel: str, *, supported: str = SUPPOR
                           "limit does not depend on the widths); got parameterization="
                           f"{architecture.parameterization!r}. Use parameterization='ntk', or kernel='nngp' "
                           "(the same in both parameterizations).")
+    return architecture
+
+
+def read_architecture(architecture: Any, kernel: str, *, supported: str = SUPPORTED) -> tuple[Architecture, list]:
+    """(Architecture, ops) or a ConfigError naming the first unsupported layer and what is supported."""
+    architecture = _checked(architecture, kernel, "ntkit.serial / ntkit.mlp")
     ops: list = []
     prev_dense = False
     for i, lay in enumerate(_flatten(architecture.layers, [])):
@@ -106,18 +112,7 @@ def read_architecture(architecture: Any, kernel: str, *, supported: str = SUPPOR
 def read_conv_architecture(architecture: Any, kernel: str) -> tuple[Architecture, list, int]:
     """(Architecture, ops, spatial ndim) of a convolutional architecture with global average pooling,
     or a ConfigError naming the first unsupported layer and what is supported."""
-    if isinstance(architecture, (dict, str)):
-        architecture = from_config(architecture)
-    if not isinstance(architecture, Architecture):
-        raise TypeError(f"architecture must be an ntkit.Architecture (ntkit.serial) or its config, "
-                        f"got {type(architecture).__name__}")
-    if kernel not in ("ntk", "nngp"):
-        raise ValueError(f"kernel must be 'ntk' or 'nngp', got {kernel!r}")
-    if kernel == "ntk" and architecture.parameterization != "ntk":
-        raise ConfigError("the feature maps approximate the NTK of the NTK parameterization (its infinite-width "
-                          "limit does not depend on the widths); got parameterization="
-                          f"{architecture.parameterization!r}. Use parameterization='ntk', or kernel='nngp' "
-                          "(the same in both parameterizations).")
+    architecture = _checked(architecture, kernel, "ntkit.serial")
     ops: list = []
     prev_affine = False
     spatial, ndim = True, None
