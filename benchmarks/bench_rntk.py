@@ -46,7 +46,6 @@ import torch
 
 import ntkit
 
-C_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 BUDGET = 2e9
 VARIABLE = ("JapaneseVowels", "PickupGestureWiimoteZ")
 FIXED = ("ItalyPowerDemand", "GunPoint", "ArrowHead", "BasicMotions", "OSULeaf")
@@ -141,25 +140,11 @@ def normalise(k_all, n_train):
 
 
 def select_svc(kernels, y_train, n_train):
-    """(best key, best C, cv accuracy) by 3-fold stratified CV over kernels (dict key -> (n_all, n_all))."""
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.svm import SVC
+    """(cv accuracy, best key, best C) by stratified CV over kernels (dict key -> (n_all, n_all)): the
+    alemohammad-rntk reproduction's selection, so benchmark and reproduction choose alike."""
+    from ntkit.experiments.reproductions.alemohammad_rntk import select_svm_by_cv
 
-    _, counts = np.unique(y_train, return_counts=True)
-    folds = max(2, min(3, int(counts.min())))
-    skf = StratifiedKFold(folds, shuffle=True, random_state=0)
-    best = (-1.0, None, None)
-    for key, k in kernels.items():
-        ktt = k[:n_train, :n_train]
-        for c in C_GRID:
-            accs = []
-            for tr, va in skf.split(np.zeros(n_train), y_train):
-                clf = SVC(kernel="precomputed", C=c).fit(ktt[np.ix_(tr, tr)], y_train[tr])
-                accs.append(float((clf.predict(ktt[np.ix_(va, tr)]) == y_train[va]).mean()))
-            acc = float(np.mean(accs))
-            if acc > best[0]:
-                best = (acc, key, c)
-    return best
+    return select_svm_by_cv(kernels, np.asarray(y_train), n_train)
 
 
 def fit_predict(k, y_train, y_test, n_train, c):

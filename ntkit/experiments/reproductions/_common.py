@@ -228,3 +228,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     d = np.asarray(a, float) - np.asarray(b, float)
     se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
     return float(d.mean()), se
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (reports are written to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

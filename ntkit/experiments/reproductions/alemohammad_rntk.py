@@ -131,7 +131,7 @@ def _resample(seqs, length):
     return np.stack(out)
 
 
-def _select(kernels: dict, y, n_train):
+def select_svm_by_cv(kernels: dict, y, n_train):
     """(cv accuracy, key, C) by stratified CV on the training block of each (n_all, n_all) kernel."""
     from sklearn.model_selection import StratifiedKFold
     from sklearn.svm import SVC
@@ -166,7 +166,7 @@ def _svm_accuracy(kernels: dict, y_tr, y_te) -> tuple[float, str, str]:
             hits.append(clf.predict(k[np.ix_([i], tr)])[0] == y_tr[i])
         return float(np.mean(hits)), f"{key}, C 10 (leave-one-out)", key
     n_tr = len(y_tr)
-    _, key, c = _select(kernels, y_tr, n_tr)
+    _, key, c = select_svm_by_cv(kernels, y_tr, n_tr)
     k = kernels[key]
     clf = SVC(kernel="precomputed", C=c).fit(k[:n_tr, :n_tr], y_tr)
     return float((clf.predict(k[n_tr:, :n_tr]) == y_te).mean()), f"{key}, C {c:g}", key

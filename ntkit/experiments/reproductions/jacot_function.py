@@ -64,7 +64,7 @@ from ...dynamics import gradient_descent_mse, gradient_descent_mse_ensemble
 from ...empirical import empirical_ntk
 from ...kernels.architecture import mlp
 from ...report import Report, claim
-from ._common import bonferroni_t, fit_power_law, train_ensemble_full_batch, unit_circle
+from ._common import bonferroni_t, fit_power_law, pyplot, train_ensemble_full_batch, unit_circle
 
 NAME = "jacot-function"
 TITLE = "Jacot et al. 2018, Fig. 2: trained networks against the limiting Gaussian process"
@@ -247,17 +247,8 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     return rep
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figure(angles, mu, sd, f_te, widths, n_grid, n_plot):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(widths), figsize=(11, 4.2), sharey=True)
     g = np.asarray(TRAIN_ANGLES)
     for ax, w, col in zip(np.atleast_1d(axes), widths, ("tab:green", "tab:red", "tab:blue")):
@@ -287,7 +278,7 @@ def _fold(a, dist, sign):
 
 
 def _figure_bias(angles, dist, sign, mu, sd, f_te, f_lin, widths, n_grid):
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.0))
     cols = ("tab:green", "tab:orange", "tab:red", "tab:blue")
     for w, col in zip(widths, cols):

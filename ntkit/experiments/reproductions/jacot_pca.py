@@ -65,7 +65,7 @@ from ...empirical import empirical_ntk
 from ...kernels.architecture import mlp
 from ...report import Report, claim
 from ..data import load_images
-from ._common import train_ensemble_full_batch
+from ._common import pyplot, train_ensemble_full_batch
 
 NAME = "jacot-pca"
 TITLE = "Jacot et al. 2018, Fig. 3: NTK principal components of MNIST and the decay along the second one"
@@ -241,17 +241,8 @@ def run(out: str | os.PathLike | None = None, *, quick: bool = False, seed: int 
     return rep
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _fig_pca(vec, lam, lab, n):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     p2, p3 = (vec[:, 1] * math.sqrt(n)).numpy(), (vec[:, 2] * math.sqrt(n)).numpy()
     sc = ax.scatter(p2, p3, c=lab, cmap="tab10", s=14, vmin=-0.5, vmax=9.5, alpha=0.85)
@@ -265,7 +256,7 @@ def _fig_pca(vec, lam, lab, n):
 
 
 def _fig_decay(t, traj, theory, lam):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     cols = ("tab:green", "tab:orange", "tab:red", "tab:purple")
     for (w, g), col in zip(traj.items(), cols):

@@ -51,7 +51,7 @@ from ...kernels.activations import Erf
 from ...kernels.architecture import mlp
 from ...report import Report, claim
 from ..data import load_images
-from ._common import fit_power_law, train_ensemble_full_batch, train_full_batch
+from ._common import fit_power_law, pyplot, train_ensemble_full_batch, train_full_batch
 
 NAME = "lee-linearization"
 TITLE = "Lee et al. 2019: wide networks evolve as their linearization; NTK change vs width (ReLU, erf)"
@@ -225,15 +225,6 @@ def _nearest(b: float) -> str:
     return "n^-1/2" if abs(b + 0.5) <= abs(b + 1.0) else "n^-1"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _width_ticks(ax, widths) -> None:
     """Ticks at the measured widths, written as plain integers (not 3 x 10^1)."""
     import matplotlib.ticker
@@ -244,7 +235,7 @@ def _width_ticks(ax, widths) -> None:
 
 
 def _fig_curves(curves):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (w, c), col in zip(sorted(curves.items()), ("tab:green", "tab:red")):
         ax.plot(c["steps"], c["net"], "-", color=col, label=f"network, n = {w}")
@@ -260,7 +251,7 @@ def _fig_curves(curves):
 
 
 def _fig_errors(widths, res, fits):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for key, lab, col in (("net_vs_lin", "network vs linearization", "tab:blue"),
@@ -283,7 +274,7 @@ def _fig_errors(widths, res, fits):
 
 
 def _fig_lr(lr_loss, eta_c):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for fac, col in ((0.9, "tab:blue"), (1.1, "tab:red")):
         ax.plot(lr_loss[fac], color=col, label=rf"$\eta$ = {fac} $\eta_{{crit}}$ = {fac * eta_c:.3g}")
@@ -297,7 +288,7 @@ def _fig_lr(lr_loss, eta_c):
 
 
 def _fig_drift(widths, res, fits):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     w = np.asarray(widths, float)
     for act, col in (("relu", "tab:blue"), ("erf", "tab:purple")):
