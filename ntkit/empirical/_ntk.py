@@ -579,6 +579,20 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
                        + (n1 + n2) * inputs_sum + grad + pos + out)
 
 
+def _model_inputs(model, x1, x2, batch_dim):
+    """(t1, t2 or None, dtype, device): both inputs prepared (sequence lists padded alike, every leaf checked)
+    in the dtype and on the device of the model's first floating-point parameter."""
+    first = next(iter(model.parameters()), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
+    device = first.device if first is not None else None
+    x1, x2 = sequence_pair(x1, x2, dtype=dtype, device=device)
+    t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
+    t2 = None if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
+    if t2 is not None:
+        check_pair_inputs(t1, t2)
+    return t1, t2, dtype, device
+
+
 def empirical_ntk(
     model: nn.Module,
     x1: Any,
@@ -657,14 +671,7 @@ def empirical_ntk(
     for nm, val in (("batch_size", batch_size), ("output_batch_size", output_batch_size)):
         if val is not None and (isinstance(val, bool) or int(val) != val or val < 1):
             raise ValueError(f"{nm} must be a positive integer, got {val!r}")
-    first = next(iter(model.parameters()), None)
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.get_default_dtype()
-    device = first.device if first is not None else None
-    x1, x2 = sequence_pair(x1, x2, dtype=dtype, device=device)
-    t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
-    t2 = None if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
-    if t2 is not None:
-        check_pair_inputs(t1, t2)
+    t1, t2, dtype, device = _model_inputs(model, x1, x2, batch_dim)
     chosen = _select_params(model, params)
     snap = _snapshot(model)
     try:
@@ -896,14 +903,8 @@ def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: M
     """f(x1) f(x2)^T / k: the outer product of the outputs averaged over the k output units -- a
     one-sample estimate of the NNGP kernel (Lee et al. 2018) for a network at initialization. Inputs of
     any structure, as for :func:`empirical_ntk`."""
-    first = next(iter(model.parameters()), None)
-    dtype = first.dtype if first is not None else torch.get_default_dtype()
-    device = first.device if first is not None else None
-    x1, x2 = sequence_pair(x1, x2, dtype=dtype, device=device)
-    t1 = prepare_inputs(x1, "x1", dtype=dtype, device=device, batch_dim=batch_dim)
-    t2 = t1 if x2 is None else prepare_inputs(x2, "x2", dtype=dtype, device=device, batch_dim=batch_dim)
-    if x2 is not None:
-        check_pair_inputs(t1, t2)
+    t1, t2, dtype, device = _model_inputs(model, x1, x2, batch_dim)
+    t2 = t1 if t2 is None else t2
 
     def run(t):
         args, kwargs = t.call()
