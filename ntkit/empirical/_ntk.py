@@ -903,7 +903,7 @@ def empirical_nngp(model: nn.Module, x1: Any, x2: Any = None, *, model_kwargs: M
     """f(x1) f(x2)^T / k: the outer product of the outputs averaged over the k output units -- a
     one-sample estimate of the NNGP kernel (Lee et al. 2018) for a network at initialization. Inputs of
     any structure, as for :func:`empirical_ntk`."""
-    t1, t2, dtype, device = _model_inputs(model, x1, x2, batch_dim)
+    t1, t2, _, _ = _model_inputs(model, x1, x2, batch_dim)
     t2 = t1 if t2 is None else t2
 
     def run(t):
