@@ -75,11 +75,16 @@ def test_ensemble_statistics_against_brute_force():
     y = torch.where(torch.randn(n, generator=gen) > 0, 1.0, -1.0)
     f = 0.8 * y + 0.7 * torch.randn(s, n, generator=gen)
     st = g.ensemble_statistics(f, y)
-    fb = f.mean(0)
-    fl = float(np.mean([float((f[i] - fb).pow(2).mean().sqrt()) for i in range(s)])) * math.sqrt(s / (s - 1))
-    assert st["fluct"] == pytest.approx(fl, rel=1e-6)
-    # i.i.d. noise of sd 0.7: ||f - fbar|| estimates 0.7 (the sqrt(S/(S-1)) correction), within 5 SE
-    assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"] + 0.01
+    fb = f.double().mean(0)
+    ms = np.mean([float((f[i].double() - fb).pow(2).mean()) for i in range(s)]) * s / (s - 1)
+    assert st["fluct"] == pytest.approx(math.sqrt(ms), rel=1e-6)
+    assert st["fbar_norm"] == pytest.approx(math.sqrt(float(fb.pow(2).mean()) - ms / s), rel=1e-6)
+    assert st["rel_fluct"] == pytest.approx(st["fluct"] / st["fbar_norm"], rel=1e-9)
+    # i.i.d. noise of sd 0.7 around 0.8 y: ||f - fbar|| estimates 0.7 (the S / (S - 1) correction), ||E f|| = 0.8
+    # (the uncorrected ||fbar|| would be sqrt(0.64 + 0.49 / 8) = 0.837), each within 5 jackknife SE
+    assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"] + 0.005
+    assert abs(st["fbar_norm"] - 0.8) < 5 * st["fbar_norm_se"] + 0.005
+    assert abs(st["rel_fluct"] - 0.875) < 5 * st["rel_fluct_se"] + 0.005
     err = [float((torch.sign(f[i]) != y).double().mean()) for i in range(s)]
     assert st["err"] == pytest.approx(err)
     ens = float((torch.sign(fb) != y).double().mean())
@@ -87,3 +92,15 @@ def test_ensemble_statistics_against_brute_force():
     loo = [float((torch.sign(f[[j for j in range(s) if j != i]].mean(0)) != y).double().mean()) for i in range(s)]
     se = math.sqrt((s - 1) / s * np.sum((np.array(loo) - np.mean(loo)) ** 2))
     assert st["err_ens_se"] == pytest.approx(se)
+
+
+def test_ensemble_norm_is_debiased():
+    """||E f|| from S seeds: the seeds' noise inflates ||fbar||^2 by var / S; the estimate removes it. With
+    20 000 points the check separates the debiased 0.8 from the biased sqrt(0.64 + 0.49 / 8) = 0.837."""
+    gen = torch.Generator().manual_seed(5)
+    s, n = 8, 20000
+    y = torch.where(torch.randn(n, generator=gen) > 0, 1.0, -1.0)
+    st = g.ensemble_statistics(0.8 * y + 0.7 * torch.randn(s, n, generator=gen), y)
+    assert 5 * st["fbar_norm_se"] < 0.837 - 0.8  # the test can tell the two apart
+    assert abs(st["fbar_norm"] - 0.8) < 5 * st["fbar_norm_se"]
+    assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"]

@@ -80,6 +80,8 @@ D = 10
 SATISFIED, STALLED, BUDGET = "satisfied", "stalled", "budget"
 #: Adam learning rate LR * min(1, LR_WIDTH / h) for width h (see the module docstring)
 LR, LR_WIDTH = 1e-3, 16
+#: step cap of the narrow nets (the widths around N*, cheap to train; the wide nets keep ``max_steps``)
+MAX_STEPS_NARROW = 20000
 
 
 def parity_pca_pool(data, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -236,26 +238,32 @@ def _jackknife(values: np.ndarray) -> float:
 def ensemble_statistics(f: torch.Tensor, y: torch.Tensor) -> dict:
     """Single-net and ensemble statistics of test outputs ``f`` (S, n) with labels ``y`` (n,).
 
-    ``fluct``: ||f_N - fbar_N||, the RMS over test points of f_s - fbar (fbar the mean over the S seeds),
-    averaged over seeds and scaled by sqrt(S / (S - 1)) so that it estimates the infinite-ensemble value;
-    ``excess``: eps_N - epsbar_N, the seeds' mean test error minus the error of sign(fbar). Their standard
-    errors are jackknife estimates over seeds (each seed left out in turn, fbar recomputed)."""
+    ``fluct``: ||f_N - fbar_N||, the root mean square over seeds and test points of f_s - fbar (fbar the
+    mean over the S seeds), with the mean square scaled by S / (S - 1) so that it is unbiased for the
+    infinite ensemble's E ||f - E f||^2; ``fbar_norm``: ||E f||, from ||fbar||^2 minus its bias
+    ||f - fbar||^2 / (S - 1) (the seeds' noise left in fbar); ``rel_fluct``: their ratio, the fluctuation
+    relative to the ensemble's output scale; ``excess``: eps_N - epsbar_N, the seeds' mean test error minus
+    the error of sign(fbar). Their standard errors are jackknife estimates over seeds (each seed left out in
+    turn, fbar recomputed)."""
     s = f.shape[0]
     err = (torch.sign(f) != y).double().mean(1).numpy()
 
     def stats(idx):
-        ff = f[idx]
+        ff = f[idx].double()
         fb = ff.mean(0)
         k = len(idx)
-        fl = float((ff - fb).pow(2).mean(1).sqrt().mean()) * math.sqrt(k / (k - 1))
+        ms = float((ff - fb).pow(2).mean()) * k / (k - 1)  # unbiased for E ||f - E f||^2
+        fl = math.sqrt(ms)
+        fbn = math.sqrt(max(float(fb.pow(2).mean()) - ms / k, 0.0))  # E ||fbar||^2 = ||E f||^2 + var / k
         ee = float((torch.sign(fb) != y).double().mean())
-        return fl, ee, float(err[idx].mean()) - ee
+        return fl, ee, float(err[idx].mean()) - ee, fbn, fl / max(fbn, 1e-12)
 
-    fl, ee, ex = stats(list(range(s)))
+    fl, ee, ex, fbn, rel = stats(list(range(s)))
     loo = np.array([stats([j for j in range(s) if j != i]) for i in range(s)])
     return {"err": err, "err_ens": ee, "err_ens_se": _jackknife(loo[:, 1]), "fluct": fl,
             "fluct_se": _jackknife(loo[:, 0]), "excess": ex, "excess_se": _jackknife(loo[:, 2]),
-            "fbar_norm": float(f.mean(0).pow(2).mean().sqrt())}
+            "fbar_norm": fbn, "fbar_norm_se": _jackknife(loo[:, 3]), "rel_fluct": rel,
+            "rel_fluct_se": _jackknife(loo[:, 4])}
 
 
 def locate_nstar(n_arr: np.ndarray, frac_sat: np.ndarray) -> float:
@@ -291,12 +299,12 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
         x_all, y_all = x_all.float(), y_all.float()
         n_pool = x_all.shape[0]
         if quick:
-            ps, p_fit, max_steps = [32, 64, 128], 128, 2000
+            ps, p_fit, max_steps, max_steps_narrow = [32, 64, 128], 128, 2000, 2000
             widths = {h: ps for h in [2, 3, 4, 5, 6, 8, 12, 24, 40, 64]}
             batch_up_to = 12
         else:
-            ps, p_fit, max_steps = [128, 256, 512], 256, 4000
-            widths = {h: ps for h in [3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 64]}
+            ps, p_fit, max_steps, max_steps_narrow = [128, 256, 512], 256, 4000, MAX_STEPS_NARROW
+            widths = {h: ps for h in [2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 64]}
             widths.update({h: [p_fit] for h in [45, 90, 128]})
             batch_up_to = 24
         n_seeds = 10
@@ -324,7 +332,8 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
                 ms[i * n_seeds:(i + 1) * n_seeds, :p] = 1.0
             with torch.no_grad():
                 f0, f0_te = _forward(layers, xs), _forward(layers, x_te)
-            tr = train_hinge(layers, xs, ys, f0=f0, mask=ms, max_steps=max_steps, lr=LR * min(1.0, LR_WIDTH / h))
+            cap = max_steps_narrow if h <= batch_up_to else max_steps
+            tr = train_hinge(layers, xs, ys, f0=f0, mask=ms, max_steps=cap, lr=LR * min(1.0, LR_WIDTH / h))
             with torch.no_grad():
                 f = _forward(layers, x_te) - f0_te  # (len(hp) * S, n_test)
             for i, p in enumerate(hp):
@@ -335,7 +344,8 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     finally:
         torch.set_num_threads(n_threads)
     return _report(res, ps=ps, p_fit=p_fit, widths=widths, quick=quick, seed=seed, data_name=data_name, n_pool=n_pool,
-                   n_test=n_test, n_seeds=n_seeds, max_steps=max_steps, t0=t0, out=out, plt=plt)
+                   n_test=n_test, n_seeds=n_seeds, max_steps=max_steps, t0=t0, out=out, plt=plt,
+                   steps_cap={h: (max_steps_narrow if h <= batch_up_to else max_steps) for h in widths})
 
 
 def _scaling_fit(res, p, widths, nstar, key):
@@ -353,7 +363,8 @@ def _scaling_fit(res, p, widths, nstar, key):
     return None, []
 
 
-def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n_seeds, max_steps, t0, out, plt):
+def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n_seeds, max_steps, t0, out, plt,
+            steps_cap):
     rep = Report(TITLE, intro=(__doc__ or "").split("\n\n")[0].replace("\n", " "))
     grid = {p: [h for h in widths if p in widths[h]] for p in ps}
     narr = {p: np.array([n_weights(h) for h in grid[p]], float) for p in ps}
@@ -379,7 +390,7 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
             ax.plot(n_arr[capped], nd[capped], "o", ms=10, mfc="none", color=colors[p])
         if math.isfinite(nstar[p]):
             ax.axvline(nstar[p], color=colors[p], ls=":", lw=1.2)
-    ax.plot([], [], "o", ms=10, mfc="none", color="gray", label=f"some seeds hit the {max_steps}-step budget")
+    ax.plot([], [], "o", ms=10, mfc="none", color="gray", label="some seeds hit the step budget")
     ax.set_xscale("log")
     ax.set_xlabel("N (number of weights)")
     ax.set_ylabel(r"$N_\Delta / N$  (unsatisfied constraints per weight)")
@@ -415,7 +426,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1, 1]
     fits = {}
-    for key, target, mk, col, lab in (("fluct", -0.25, "o", "C0", r"$\|f_N - \bar f_N\|$"),
+    for key, target, mk, col, lab in (("rel_fluct", -0.25, "o", "C0", r"$\|f_N - \bar f_N\| / \|\bar f_N\|$"),
+                                      ("fluct", None, "^", "C2", r"$\|f_N - \bar f_N\|$ (not scale-corrected)"),
                                       ("excess", -0.5, "s", "C3", r"$\epsilon_N - \bar\epsilon_N$")):
         v = np.array([res[(pl, h)][key] for h in grid[pl]])
         vse = np.array([res[(pl, h)][key + "_se"] for h in grid[pl]])
@@ -431,9 +443,11 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
         ax.errorbar(nb, vb, yerr=[res[(pl, h)][key + "_se"] for h in hs], fmt=mk, ms=5, color=col,
                     label=f"{lab}: fitted exponent {fit.exponent:.3f} ± {fit.stderr:.3f}")
         ax.plot(nb, fit.predict(nb), "-", color=col, lw=1.5)
+        if target is None:
+            continue
         ref = fit.predict(nb[0]) * (nb / nb[0]) ** target
-        ax.plot(nb, ref, "k" + (":" if key == "fluct" else "--"), lw=1.2,
-                label=f"reference slope N^{'-1/4' if key == 'fluct' else '-1/2'}")
+        ax.plot(nb, ref, "k" + (":" if key == "rel_fluct" else "--"), lw=1.2,
+                label=f"reference slope N^{'-1/4' if key == 'rel_fluct' else '-1/2'}")
     if math.isfinite(nstar[pl]):
         ax.axvline(nstar[pl], color="k", ls=":", lw=1)
     ax.set_xscale("log")
@@ -443,12 +457,15 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.set_title(f"P = {pl}: scaling for N >> N* (solid markers: fitted range; dotted line: N*)")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    caps = sorted(set(steps_cap.values()))
+    budget_text = ", ".join(f"{c} steps for widths {min(h for h in widths if steps_cap[h] == c)}-"
+                            f"{max(h for h in widths if steps_cap[h] == c)}" for c in caps)
     rep.section("Jamming, the cusp and the scaling beyond it",
                 f"Pool: {data_name} ({n_pool} images; test set: the {n_test} not used for training). "
                 f"{n_seeds} seeds per (P, N); 2 hidden ReLU layers, widths {sorted(widths)}; full-batch Adam on the "
                 f"quadratic hinge loss, each seed stopped at the first step where every constraint holds, or "
-                f"when its loss stalled ('stalled', a jammed minimum), or after {max_steps} steps ('budget', not "
-                "converged; counted as not satisfied).")
+                f"when its loss stalled ('stalled', a jammed minimum), or at the step budget ('budget', not "
+                f"converged; counted as not satisfied): {budget_text}.")
     rep.figure(fig, "geiger_scaling", "Top left: unsatisfied constraints per weight at the end of training "
                "(mean over seeds, error bars SE; circled: runs that hit the step budget). Top right: fraction of "
                "seeds that satisfy every constraint against N/P; N* is where it crosses 1/2. Bottom left: test "
@@ -501,13 +518,16 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                    "ens_peak": rp["err_ens"], "ens_left": rl["err_ens"]}
     rows = []
     for p in ps:
+        rf, _ = _scaling_fit(res, p, grid[p], nstar[p], "rel_fluct")
         fl, _ = _scaling_fit(res, p, grid[p], nstar[p], "fluct")
         ex, _ = _scaling_fit(res, p, grid[p], nstar[p], "excess")
         rows.append({"P": p, "N*": nstar[p], "N*/P": nstar[p] / p, "median N_Delta/N below N*": jump[p],
                      "cusp peak N": cusp.get(p, {}).get("N_peak", math.nan),
                      "cusp z (single)": cusp.get(p, {}).get("z_cusp", math.nan),
                      "ensemble rise z": cusp.get(p, {}).get("z_ens", math.nan),
-                     "fluct exponent": fl.exponent if fl else math.nan, "± SE": fl.stderr if fl else math.nan,
+                     "||f-fbar||/||fbar|| exponent": rf.exponent if rf else math.nan,
+                     "± SE  ": rf.stderr if rf else math.nan,
+                     "||f-fbar|| exponent": fl.exponent if fl else math.nan, "± SE": fl.stderr if fl else math.nan,
                      "excess exponent": ex.exponent if ex else math.nan, "± SE ": ex.stderr if ex else math.nan})
     rep.table(rows, caption="Per P: N*, the jump, the cusp (z-scores in standard errors over seeds) and the "
               "fitted exponents (N >= 10 N*)", fmt="{:.3g}")
@@ -521,7 +541,7 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                              "median steps": float(np.median(r["steps"])),
                              "N_Delta/N": float(np.mean(r["n_delta"])) / n_weights(h),
                              "test err": float(r["err"].mean()), "ensemble err": r["err_ens"],
-                             "||f - fbar||": r["fluct"]})
+                             "||f - fbar||": r["fluct"], "||fbar||": r["fbar_norm"]})
     rep.table(run_rows, caption="Every (P, width): how the seeds ended, and their test statistics", fmt="{:.4g}")
     # ---------------- claims
     if math.isfinite(nstar[max(ps)]) and math.isfinite(nstar[min(ps)]):
@@ -546,7 +566,7 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                                 f"at N = {c['N_left']} (in jackknife SE)", c["z_ens"], [-math.inf, 3.0]))
             rep.add_claim(claim(f"P = {pl}: at the cusp the ensemble errs less than single nets (in jackknife SE)",
                                 c["z_gap"], [3.0, math.inf]))
-    for key, target, text in [("fluct", -0.25, "||f_N - fbar_N|| ~ N^-1/4")] + \
+    for key, target, text in [("rel_fluct", -0.25, "||f_N - fbar_N|| / ||fbar_N|| ~ N^-1/4")] + \
             ([] if quick else [("excess", -0.5, "eps_N - epsbar_N ~ N^-1/2")]):
         fit = fits.get(key)
         if fit is None:
@@ -561,6 +581,7 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     wall = time.perf_counter() - t0
     rep.update({"quick": quick, "seed": seed, "data": data_name, "n_pool": n_pool, "n_test": n_test, "P": ps,
                 "widths": {str(p): grid[p] for p in ps}, "P_fit": pl, "max_steps": max_steps, "seeds": n_seeds,
+                "steps_cap": {str(h): c for h, c in sorted(steps_cap.items())},
                 "N_star": {str(p): nstar[p] for p in ps}, "jump": {str(p): jump[p] for p in ps},
                 "N_star_slope": None if slope is None else {"exponent": slope.exponent, "stderr": slope.stderr},
                 "cusp": {str(p): c for p, c in cusp.items()},
