@@ -3,6 +3,7 @@ the stacked nets, N* from the satisfied fraction, and the jackknife ensemble sta
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -104,3 +105,46 @@ def test_ensemble_norm_is_debiased():
     assert 5 * st["fbar_norm_se"] < 0.837 - 0.8  # the test can tell the two apart
     assert abs(st["fbar_norm"] - 0.8) < 5 * st["fbar_norm_se"]
     assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"]
+
+
+def _synthetic_results():
+    """A results.json of a quick-sized run with known answers: N* between h = 2 and 3, 3 and 4, 4 and 5 at
+    P = 32, 64, 128, and
+    ||f - fbar|| / ||fbar|| = 2 N^-1/4, eps - epsbar = 0.5 N^-1/2 with 2 % noise beyond; the widths listed
+    out of order, as a grid extended at one P is."""
+    rng = np.random.default_rng(0)
+    ps, s = [32, 64, 128], 10
+    widths = {str(p): [2, 3, 4, 5, 6, 8, 12, 24, 40, 64] + ([16] if p == 128 else []) for p in ps}
+    runs = []
+    for p in ps:
+        for h in widths[str(p)]:
+            n = g.n_weights(h)
+            sat = h >= {32: 3, 64: 4, 128: 5}[p]
+            rel = 2 * n ** -0.25 * (1 + 0.02 * rng.standard_normal())
+            exc = 0.5 * n ** -0.5 * (1 + 0.02 * rng.standard_normal())
+            runs.append({"P": p, "h": h, "N": n, "n_delta": [0 if sat else n // 2] * s,
+                         "status": [g.SATISFIED if sat else g.STALLED] * s, "steps": [1000] * s, "loss": [0.0] * s,
+                         "err": list(0.2 + 0.01 * rng.standard_normal(s)), "err_ens": 0.15, "err_ens_se": 0.005,
+                         "fluct": rel * 1.5, "fluct_se": 0.02 * rel * 1.5, "fbar_norm": 1.5, "fbar_norm_se": 0.01,
+                         "rel_fluct": rel, "rel_fluct_se": 0.02 * rel, "excess": exc, "excess_se": 0.02 * exc})
+    return {"quick": True, "seed": 0, "data": "synthetic", "n_pool": 256, "n_test": 128, "P": ps,
+            "widths": widths, "P_fit": 128, "max_steps": 2000, "seeds": s,
+            "steps_cap": {str(h): 2000 for h in sorted({h for hs in widths.values() for h in hs})},
+            "wall_time_s": 12.5, "runs": runs}
+
+
+def test_report_from_results_refits_and_draws_sorted_lines(tmp_path):
+    """Re-rendering from results.json finds the planted exponent and N*, keeps the wall time, and orders
+    every per-P series by width (an out-of-order width list used to draw zigzag lines)."""
+    rep = g.report_from_results(_synthetic_results(), out=tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["wall_time_s"] == 12.5
+    nstar = res["N_star"]["128"]
+    assert g.n_weights(4) < nstar < g.n_weights(5)
+    fit = res["exponents"]["rel_fluct"]
+    assert abs(fit["exponent"] + 0.25) < 4 * fit["stderr"] and fit["stderr"] < 0.05
+    assert all(c["holds"] for c in res["claims"]), res["claims"]
+    # every per-P series (figure lines, tables) follows the grid in increasing N
+    assert res["widths"]["128"] == sorted(res["widths"]["128"]) and 16 in res["widths"]["128"]
+    assert [r["h"] for r in res["runs"] if r["P"] == 128] == sorted(res["widths"]["128"])
+    assert rep.n_figures == 2
