@@ -476,14 +476,17 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1, 1]
     fits = {}
+    ax.plot(narr[pl], [res[(pl, h)]["fbar_norm"] for h in grid[pl]], "x-", ms=4, lw=0.8, color="0.5",
+            label=r"$\|\bar f_N\|$ (the ensemble output's scale)")
     for key, target, mk, col, lab in (("rel_fluct", -0.25, "o", "C0", r"$\|f_N - \bar f_N\| / \|\bar f_N\|$"),
                                       ("fluct", None, "^", "C2", r"$\|f_N - \bar f_N\|$ (not scale-corrected)"),
                                       ("excess", -0.5, "s", "C3", r"$\epsilon_N - \bar\epsilon_N$")):
+        hollow = {"mfc": "none"} if target is None else {}
         v = np.array([res[(pl, h)][key] for h in grid[pl]])
         vse = np.array([res[(pl, h)][key + "_se"] for h in grid[pl]])
         ok = v > 0
         n_arr = narr[pl]
-        ax.errorbar(n_arr[ok], v[ok], yerr=vse[ok], fmt=mk, ms=4, color=col, alpha=0.35)
+        ax.errorbar(n_arr[ok], v[ok], yerr=vse[ok], fmt=mk, ms=4, color=col, alpha=0.35, **hollow)
         fit, hs = _scaling_fit(res, pl, grid[pl], nstar[pl], key)
         if fit is None:
             continue
@@ -491,8 +494,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
         nb = np.array([n_weights(h) for h in hs], float)
         vb = np.array([res[(pl, h)][key] for h in hs])
         ax.errorbar(nb, vb, yerr=[res[(pl, h)][key + "_se"] for h in hs], fmt=mk, ms=5, color=col,
-                    label=f"{lab}: fitted exponent {fit.exponent:.3f} ± {fit.stderr:.3f}")
-        ax.plot(nb, fit.predict(nb), "-", color=col, lw=1.5)
+                    label=f"{lab}: fitted exponent {fit.exponent:.3f} ± {fit.stderr:.3f}", **hollow)
+        ax.plot(nb, fit.predict(nb), "-" if target is not None else "--", color=col, lw=1.5 if target else 1.0)
         if target is None:
             continue
         ref = fit.predict(nb[0]) * (nb / nb[0]) ** target
@@ -503,9 +506,9 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N (number of weights)")
-    ax.set_ylabel("output fluctuation / excess test error")
+    ax.set_ylabel("output scale and fluctuation / excess test error")
     ax.set_title(f"P = {pl}: scaling for N >> N* (solid markers: fitted range; dotted line: N*)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     caps = sorted(set(steps_cap.values()))
     budget_text = ", ".join(f"{c} steps for widths {min(h for h in widths if steps_cap[h] == c)}-"
@@ -520,8 +523,11 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                "(mean over seeds, error bars SE; circled: runs that hit the step budget). Top right: fraction of "
                "seeds that satisfy every constraint against N/P; N* is where it crosses 1/2. Bottom left: test "
                "error of single nets (mean ± SE over seeds) and of the ensemble-averaged output (± jackknife SE) "
-               f"against N/N*. Bottom right: output fluctuations and excess test error (± jackknife SE) at P = {pl}, "
-               "with power-law fits over N >= 10 N* and the predicted slopes.")
+               f"against N/N*. Bottom right, at P = {pl}: the output's fluctuation over initializations relative to "
+               "the ensemble's output scale (the claim), the same not divided by the scale (hollow), the scale "
+               "itself (gray: it still falls beyond N*, the tail of its divergence there), and the excess test "
+               "error of single nets over the ensemble (± jackknife SE), with power-law fits over N >= 10 N* and "
+               "the predicted slopes.")
     # ---------------- figure 2: N* against P
     fig2, ax = plt.subplots(figsize=(4.6, 3.4))
     pv = np.array([p for p in ps if math.isfinite(nstar[p])], float)
