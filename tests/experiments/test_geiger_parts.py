@@ -107,44 +107,55 @@ def test_ensemble_norm_is_debiased():
     assert abs(st["fluct"] - 0.7) < 5 * st["fluct_se"]
 
 
-def _synthetic_results():
-    """A results.json of a quick-sized run with known answers: N* between h = 2 and 3, 3 and 4, 4 and 5 at
-    P = 32, 64, 128, and
-    ||f - fbar|| / ||fbar|| = 2 N^-1/4, eps - epsbar = 0.5 N^-1/2 with 2 % noise beyond; the widths listed
-    out of order, as a grid extended at one P is."""
+def _synthetic_results(cusp: bool = True):
+    """A results.json of a full-sized run with known answers: N* between h = 2 and 3, 4 and 5, 5 and 6 at
+    P = 64, 128, 256 (a stalled net leaves half its constraints); ||f - fbar|| / ||fbar|| = 2 N^-1/4 and
+    eps - epsbar = 0.5 N^-1/2 with 2 % noise; single-net errors 0.22 deep in the jammed phase, a dip to
+    0.20 just below N*, a cusp of 0.24 just above it and 0.15 beyond (flat 0.2 with ``cusp=False``), 20
+    seeds for h <= 12 and 10 beyond; the widths listed out of order, as a grid extended at one P is."""
     rng = np.random.default_rng(0)
-    ps, s = [32, 64, 128], 10
+    ps = [64, 128, 256]
     widths = {str(p): [2, 3, 4, 5, 6, 8, 12, 24, 40, 64] + ([16] if p == 128 else []) for p in ps}
     runs = []
     for p in ps:
+        t = {64: 3, 128: 5, 256: 6}[p]
         for h in widths[str(p)]:
-            n = g.n_weights(h)
-            sat = h >= {32: 3, 64: 4, 128: 5}[p]
+            n, s = g.n_weights(h), (20 if h <= 12 else 10)
+            sat = h >= t
             rel = 2 * n ** -0.25 * (1 + 0.02 * rng.standard_normal())
             exc = 0.5 * n ** -0.5 * (1 + 0.02 * rng.standard_normal())
+            e = (0.22 if h < t - 1 else 0.20 if h == t - 1 else 0.24 if h == t else 0.15) if cusp else 0.2
             runs.append({"P": p, "h": h, "N": n, "n_delta": [0 if sat else n // 2] * s,
                          "status": [g.SATISFIED if sat else g.STALLED] * s, "steps": [1000] * s, "loss": [0.0] * s,
-                         "err": list(0.2 + 0.01 * rng.standard_normal(s)), "err_ens": 0.15, "err_ens_se": 0.005,
+                         "err": list(e + 0.005 * rng.standard_normal(s)), "err_ens": 0.14, "err_ens_se": 0.005,
                          "fluct": rel * 1.5, "fluct_se": 0.02 * rel * 1.5, "fbar_norm": 1.5, "fbar_norm_se": 0.01,
                          "rel_fluct": rel, "rel_fluct_se": 0.02 * rel, "excess": exc, "excess_se": 0.02 * exc})
-    return {"quick": True, "seed": 0, "data": "synthetic", "n_pool": 256, "n_test": 128, "P": ps,
-            "widths": widths, "P_fit": 128, "max_steps": 2000, "seeds": s,
-            "steps_cap": {str(h): 2000 for h in sorted({h for hs in widths.values() for h in hs})},
+    return {"quick": False, "seed": 0, "data": "synthetic", "n_pool": 1000, "n_test": 744, "P": ps,
+            "widths": widths, "P_fit": 128, "max_steps": 4000, "seeds": 10,
+            "steps_cap": {str(h): 20000 if h <= 12 else 4000 for h in sorted({h for v in widths.values() for h in v})},
             "wall_time_s": 12.5, "runs": runs}
 
 
 def test_report_from_results_refits_and_draws_sorted_lines(tmp_path):
-    """Re-rendering from results.json finds the planted exponent and N*, keeps the wall time, and orders
-    every per-P series by width (an out-of-order width list used to draw zigzag lines)."""
+    """Re-rendering from results.json finds the planted N*, exponents and cusp (rise from the dip below N*
+    to the peak above it, positions picked on the even seeds), keeps the wall time, and orders every per-P
+    series by width (an out-of-order width list used to draw zigzag lines); without the planted cusp the
+    cusp claim fails."""
     rep = g.report_from_results(_synthetic_results(), out=tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["wall_time_s"] == 12.5
-    nstar = res["N_star"]["128"]
-    assert g.n_weights(4) < nstar < g.n_weights(5)
+    assert g.n_weights(4) < res["N_star"]["128"] < g.n_weights(5)
     fit = res["exponents"]["rel_fluct"]
     assert abs(fit["exponent"] + 0.25) < 4 * fit["stderr"] and fit["stderr"] < 0.05
-    assert all(c["holds"] for c in res["claims"]), res["claims"]
+    assert all(c["holds"] for c in res["claims"]), [c for c in res["claims"] if not c["holds"]]
+    assert len(res["claims"]) == 10
+    c = res["cusp"]["128"]
+    assert (c["N_left"], c["N_peak"]) == (g.n_weights(4), g.n_weights(5))
+    assert c["err_left"] == pytest.approx(0.20, abs=0.01) and c["se_peak"] < 0.003
     # every per-P series (figure lines, tables) follows the grid in increasing N
     assert res["widths"]["128"] == sorted(res["widths"]["128"]) and 16 in res["widths"]["128"]
     assert [r["h"] for r in res["runs"] if r["P"] == 128] == sorted(res["widths"]["128"])
     assert rep.n_figures == 2
+    rep2 = g.report_from_results(_synthetic_results(cusp=False))
+    failed = [c["claim"] for c in rep2.claims if not c["holds"]]
+    assert len(failed) == 1 and "rises from its minimum before the peak" in failed[0], failed
