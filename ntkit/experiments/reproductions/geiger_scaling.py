@@ -444,6 +444,7 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     colors = {p: f"C{i}" for i, p in enumerate(ps)}
     ax = axes[0, 0]
+    any_capped = False
     for p in ps:
         n_arr = narr[p]
         nd = np.array([np.mean(res[(p, h)]["n_delta"]) for h in grid[p]]) / n_arr
@@ -452,11 +453,16 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
         ax.errorbar(n_arr, nd, yerr=nd_se, fmt="o-", ms=4, color=colors[p], label=f"P = {p}")
         capped = np.array([res[(p, h)]["status"].count(BUDGET) > 0 for h in grid[p]])
         if capped.any():
+            any_capped = True
             ax.plot(n_arr[capped], nd[capped], "o", ms=10, mfc="none", color=colors[p])
         if math.isfinite(nstar[p]):
             ax.axvline(nstar[p], color=colors[p], ls=":", lw=1.2)
-    ax.plot([], [], "o", ms=10, mfc="none", color="gray", label="some seeds hit the step budget")
+    if any_capped:
+        ax.plot([], [], "o", ms=10, mfc="none", color="gray", label="some seeds hit the step budget")
+    ax.axhline(0.1, color="k", lw=0.8, ls="--", label="0.1 (the jump's threshold)")
     ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0.0)
     ax.set_xlabel("N (number of weights)")
     ax.set_ylabel(r"$N_\Delta / N$  (unsatisfied constraints per weight)")
     ax.set_title("jamming: constraints left at the end of training (dotted: N*)")
@@ -522,8 +528,10 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.set_yscale("log")
     ax.set_xlabel("N (number of weights)")
     ax.set_ylabel("output scale and fluctuation / excess test error")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 30)  # room for the legend above the data
     ax.set_title(f"P = {pl}: scaling for N >> N* (solid markers: fitted range; dotted line: N*)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     caps = sorted(set(steps_cap.values()))
     budget_text = ", ".join(f"{c} steps for widths {min(h for h in widths if steps_cap[h] == c)}-"
