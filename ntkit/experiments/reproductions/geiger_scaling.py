@@ -568,6 +568,14 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     ax.set_ylabel("N*")
     ax.legend(fontsize=8)
     ax.set_title("jamming transition N*(P)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers: the range spans less than a decade
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([float(p) for p in pv])
+    lo, hi = ax.get_ylim()
+    ax.set_yticks([t for t in (10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000) if lo <= t <= hi])
     fig2.tight_layout()
     rep.figure(fig2, "nstar_vs_p", "N* against P (N*: where half the seeds satisfy every constraint).")
     # ---------------- cusp statistics per P
