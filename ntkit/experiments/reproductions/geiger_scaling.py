@@ -21,8 +21,8 @@ Ours (scaled to a shared 2-core CPU)
     The pool is the MNIST test set (``data=`` an MNIST folder or npz: 10 000 images in the full run; the
     quick run uses the 256-image npz shipped with the tests), PCA (fitted on the pool) to d = 10, whitened,
     centred, norm sqrt(10); the test set is every pool image not used for training (9 488 in the full run).
-    Networks with 2 hidden ReLU layers of width h (N = 10 h + h^2 + h; around our N* ~ 100-300, nets with 5
-    hidden layers would be 3-6 units wide), ``ntkit.mlp(2, h, parameterization="standard")`` with
+    Networks with 2 hidden ReLU layers of width h (N = 10 h + h^2 + h; around our N* ~ 90-140, nets with 5
+    hidden layers would be 3-5 units wide), ``ntkit.mlp(2, h, parameterization="standard")`` with
     ``init="orthogonal"`` (W_std^2 = 2, zero biases), float32. Each seed is trained by full-batch Adam (Kingma & Ba; as the authors) on the
     quadratic hinge loss of f(w, x) - f(w_0, x) (the output at initialization subtracted, as in Geiger et
     al.'s lazy-training analysis, so that the O(1) random initial function does not mask the fluctuations
@@ -44,18 +44,19 @@ Ours (scaled to a shared 2-core CPU)
     satisfied or stalled. N* is where the fraction of satisfied seeds crosses 1/2 (interpolated on log
     N). P in {128, 256, 512} (quick: {32, 64, 128}), 10 seeds per (P, h) (the ensemble; the same 10
     initializations at every P) and 20 for the narrow widths in the full run (their single-net errors carry
-    the cusp; the ensembles average the first 10 everywhere), widths 2 to 64 at every P and up to 128 at P = 256 (quick: 2 to 64), where
-    the N >> N* fits are made. All nets of a width (every P, every seed) train as one stack of batched
-    matrix products.
+    the cusp; the ensembles average the first 10 everywhere); widths 2 to 64 at every P and up to 128 at
+    P = 256 (quick: 2 to 64), where the N >> N* fits are made. All nets of a width (every P, every seed)
+    train as one stack of batched matrix products.
     Fluctuations: ||f_N - fbar_N|| is the root mean square over seeds and test points of f_s - fbar, with
     the mean square scaled by S / (S - 1) (unbiased for the infinite ensemble); ||fbar_N|| is debiased
     the same way (||fbar||^2 over S seeds exceeds ||E f||^2 by the variance / S). The N^-1/4 claim is on
     the ratio ||f_N - fbar_N|| / ||fbar_N||: the hinge loss fixes the margin, not the output's scale, and
     the scale of the trained function still carries the tail of its divergence at N* (||fbar_N|| falls
-    by ~20 % between 8 N* and 100 N* at P = 256), which multiplies mean and fluctuations alike and steepens
-    the raw ||f_N - fbar_N|| (fitted -0.31 +- 0.02 in an earlier run, -0.22 for the ratio); Geiger et al.'s
-    argument (the output's fluctuations come from the NTK's, delta Theta / Theta ~ N^-1/4) is about the
-    relative fluctuation, and both coincide once ||fbar_N|| has converged. The raw exponent is reported too.
+    by 18 % between N = 1376 and 17 792, 13 N* to 170 N*, at P = 256), which multiplies mean and
+    fluctuations alike and steepens the raw ||f_N - fbar_N|| (full run: -0.32 +- 0.01, the ratio -0.23 +-
+    0.01); Geiger et al.'s argument (the output's fluctuations come from the NTK's, delta Theta / Theta ~
+    N^-1/4) is about the relative fluctuation, and both coincide once ||fbar_N|| has converged. The raw
+    exponent is reported too.
     Standard errors: over seeds for single-net means; jackknife over seeds (each seed left out, the
     ensemble recomputed) for the ensemble error, the fluctuations and eps - epsbar; the exponents' from the
     weighted least-squares fit.
@@ -71,8 +72,8 @@ Claims (the quick run checks N* growing with P, the jump and the N^-1/4 fluctuat
       standard errors each. The peak and the minimum are picked on the even-numbered seeds and the errors
       compared on the odd-numbered ones, so that picking the largest and the smallest of several noisy
       means does not inflate the rise (the right reference, not picked, uses every seed). With P <= 512
-      the minimum of the first phase lies at N ~ N*/2 (N = 60 at every P), not below N*/3 as a fixed
-      reference would assume. The ensemble's error at the peak is no more than 3 jackknife SE above its
+      the minimum of the first phase lies between N*/2 and N* (at P = 256: N = 60, N* = 105), not below
+      N*/3 as a fixed reference would assume. The ensemble's error at the peak is no more than 3 jackknife SE above its
       error at the minimum (no cusp), and single nets err more than the ensemble there by >= 3 SE;
     * P = 256, N >= 10 N*: the fitted exponents of ||f_N - fbar_N|| / ||fbar_N|| and of eps_N - epsbar_N
       are within 3 standard errors of -1/4 and -1/2 (no allowance for pre-asymptotic curvature).
@@ -539,7 +540,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
     rep.section("Jamming, the cusp and the scaling beyond it",
                 f"Pool: {data_name} ({n_pool} images; test set: the {n_test} not used for training). "
                 f"{n_seeds} seeds per (P, N) ({max(n_of(r) for r in res.values())} for the narrow widths, "
-                f"whose first {n_seeds} make the ensembles); 2 hidden ReLU layers, widths {sorted(widths)}; full-batch Adam on the "
+                f"whose first {n_seeds} make the ensembles); 2 hidden ReLU layers, widths {sorted(widths)}; "
+                "full-batch Adam on the "
                 f"quadratic hinge loss, each seed stopped at the first step where every constraint holds, or "
                 f"when its loss stalled ('stalled', a jammed minimum), or at the step budget ('budget', not "
                 f"converged; counted as not satisfied): {budget_text}.")
@@ -653,7 +655,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
             rep.add_claim(claim(f"P = {pl}: cusp (needs grid points below N*, around N* and above 4 N*)",
                                 math.nan, [3.0, math.inf]))
         else:
-            rep.add_claim(claim(f"P = {pl}: single-net test error rises from its minimum before the peak (N = {c['N_left']}) "
+            rep.add_claim(claim(f"P = {pl}: single-net test error rises from its minimum before the peak "
+                                f"(N = {c['N_left']}) "
                                 f"to a peak near N* (N = {c['N_peak']}) and falls beyond (N = {c['N_right']}): "
                                 "smaller z, in SE over seeds (points chosen on the even seeds, z on the odd)",
                                 c["z_cusp"], [3.0, math.inf], **{k: v for k, v in c.items() if k != "z_cusp"}))
