@@ -546,8 +546,8 @@ def _report(res, *, ps, p_fit, widths, quick, seed, data_name, n_pool, n_test, n
                 f"when its loss stalled ('stalled', a jammed minimum), or at the step budget ('budget', not "
                 f"converged; counted as not satisfied): {budget_text}.")
     rep.figure(fig, "geiger_scaling", "Top left: unsatisfied constraints per weight at the end of training "
-               "(mean over seeds, error bars SE; symmetric-log axis, dashed: the jump's 0.1 threshold; circled, if any: "
-               "runs that hit the step budget). Top right: fraction of "
+               "(mean over seeds, error bars SE; symmetric-log axis, dashed: the jump's 0.1 threshold; circled, "
+               "if any: runs that hit the step budget). Top right: fraction of "
                "seeds that satisfy every constraint against N/P; N* is where it crosses 1/2. Bottom left: test "
                "error of single nets (mean ± SE over seeds) and of the ensemble-averaged output (± jackknife SE) "
                f"against N/N*. Bottom right, at P = {pl}: the output's fluctuation over initializations relative to "
