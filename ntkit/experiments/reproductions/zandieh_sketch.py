@@ -97,6 +97,23 @@ def _accuracy(pred: torch.Tensor, labels: np.ndarray) -> float:
     return float((pred.argmax(1).cpu().numpy() == labels).mean())
 
 
+def _fmt_r(r: float) -> str:
+    """1e-06 -> '1e-6', 0.0003 -> '3e-4', 1.0 -> '1'."""
+    mant, exp = f"{r:.0e}".split("e")
+    return mant if int(exp) == 0 else f"{mant}e{int(exp)}"
+
+
+def _tie_note(name: str, tuned: dict, grid) -> str:
+    """'<name>: r = ...' and, when several r share the best validation accuracy, which ones."""
+    va = tuned["validation_accuracy"]
+    tied = [r for r, a in zip(grid, va) if a == max(va)]
+    note = f"{name}: r = {_fmt_r(tuned['r'])}"
+    if len(tied) > 1:
+        note += (f" (validation accuracy {100 * max(va):.2f} % for every r from {_fmt_r(tied[0])} to "
+                 f"{_fmt_r(tied[-1])}: flat there, the squared error decides)")
+    return note + "."
+
+
 def _pick(pred_val: list, labels_val: np.ndarray, y_val: torch.Tensor) -> int:
     """Index of the best ridge on the validation split: highest accuracy, ties broken by the lower squared error."""
     keys = [(_accuracy(p, labels_val), -float(((p - y_val) ** 2).mean())) for p in pred_val]
@@ -226,7 +243,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
         return pred, tuned
     (pred, tuned_exact), t_exact = _timed(exact)
     acc_exact = _accuracy(pred, lte)
-    rows = [{"method": "exact NTK (Cholesky)", "m": "-", "ridge r": tuned_exact["r"],
+    rows = [{"method": "exact NTK (Cholesky)", "m": "-", "ridge r": _fmt_r(tuned_exact["r"]),
              "validation accuracy (%)": 100 * tuned_exact["accuracy"], "test accuracy (%)": 100 * acc_exact,
              "time (s)": t_exact}]
     acc, tim, tuned = {}, {}, {}
@@ -240,7 +257,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
             acc[name].append(_accuracy(p, lte))
             tim[name].append(t)
             tuned[name].append(tn)
-            rows.append({"method": name, "m": m, "ridge r": tn["r"], "validation accuracy (%)": 100 * tn["accuracy"],
+            rows.append({"method": name, "m": m, "ridge r": _fmt_r(tn["r"]), "validation accuracy (%)": 100 * tn["accuracy"],
                          "test accuracy (%)": 100 * acc[name][-1], "time (s)": t})
     results["accuracy"] = {"exact": acc_exact, "n_train": n_train, "n_test": n_test, "n_fit": n_fit,
                            "ridge_grid": grid, "exact_tuning": tuned_exact,
@@ -280,11 +297,11 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     rep.section("Accuracy and time vs feature dimension",
                 f"Ridge regression (one-hot targets minus 0.1, arg-max), every method at its own ridge, as in the "
                 f"paper: lambda = r x mean diag K (exact) or r x mean squared feature norm (features), r tuned on "
-                f"the grid {', '.join(f'{r:g}' for r in grid)} by fitting the first {n_fit} training images and "
+                f"the grid {', '.join(_fmt_r(r) for r in grid)} by fitting the first {n_fit} training images and "
                 f"scoring the other {n_train - n_fit} (highest validation accuracy, ties: lower squared error; one "
                 f"eigendecomposition per method makes the grid cheap), then refit on all {n_train} and scored once "
-                f"on the {n_test} test images. Exact NTK: r = {tuned_exact['r']:g}. Time: kernel or features, "
-                "tuning, refit and test predictions of each method, in the same run.")
+                f"on the {n_test} test images. {_tie_note('Exact NTK', tuned_exact, grid)} Time: kernel or "
+                "features, tuning, refit and test predictions of each method, in the same run.")
     fig.tight_layout()
     rep.figure(fig, "accuracy_time", "Test accuracy (exact NTK: dashed line, shaded: 3 binomial standard errors "
                "below it) and time of tuning + fit + predictions vs m.")
