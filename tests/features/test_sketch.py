@@ -153,3 +153,11 @@ def test_block_srht_is_the_srht_of_the_padded_concatenation():
     zscore = (est.mean(0) - zz @ zz.T) / (est.std(0) / math.sqrt(s))
     assert float(zscore.abs().max()) < 5, zscore
     assert float(est.std(0).max()) > 0.01  # a random estimate: the test can fail
+
+
+def test_sketch_is_deterministic_per_random_state():
+    x = torch.rand(30, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    arch = ntkit.mlp(2, W_std=2**0.5, b_std=0.1)
+    a, b, c = (NTKSketch(arch, 256, random_state=s).fit_transform(x) for s in (7, 7, 8))
+    assert torch.equal(a, b)  # bit for bit
+    assert not torch.allclose(a, c)
