@@ -126,7 +126,7 @@ def _tune(a: torch.Tensor, k_val: torch.Tensor, rhs: torch.Tensor, labels_val: n
     a = U S U^T, scored on the validation part: validation predictions k_val U (S + lambda)^-1 U^T rhs. Kernel
     form: a = K_fit, k_val = K(val, fit), rhs = Y_fit; feature (primal) form: a = Phi^T Phi, k_val = Phi_val,
     rhs = Phi^T Y_fit. Returns the chosen r and lambda and the validation accuracy of every r."""
-    w, u = symmetric_eigh(a.to(torch.float64).contiguous(), overwrite=True)
+    w, u = symmetric_eigh(a.to(torch.float64))  # copies a view (K_fit of the exact Gram) and never writes to a
     w = w.clamp_min(0)
     uty = u.T @ rhs.to(torch.float64)
     kvu = k_val.to(torch.float64) @ u
@@ -146,7 +146,7 @@ def _features_tuned(fm, xtr, ytr, ltr, xte, n_fit: int, grid):
     f = fm.transform(xtr).to(torch.float64)
     scale = float((f * f).sum(1).mean())
     ff, fv = f[:n_fit], f[n_fit:]
-    if f.shape[1] <= n_fit:  # primal: Phi_val (Phi^T Phi + lambda)^-1 Phi^T y = k_val-style with k = Phi^T Phi
+    if f.shape[1] <= n_fit:  # primal: validation predictions Phi_val (Phi^T Phi + lambda)^-1 Phi^T Y
         tuned = _tune(ff.T @ ff, fv, ff.T @ ytr[:n_fit].to(torch.float64), ltr[n_fit:], grid, scale)
     else:
         tuned = _tune(ff @ ff.T, fv @ ff.T, ytr[:n_fit], ltr[n_fit:], grid, scale)
