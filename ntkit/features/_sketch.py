@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["fwht", "TensorSRHT"]
+__all__ = ["fwht", "TensorSRHT", "BlockSRHT"]
 
 
 def _next_pow2(n: int) -> int:
@@ -76,12 +76,18 @@ class _SRHT:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad != self.dim:  # signs and zero padding in one pass
-            y = x.new_zeros((x.shape[0], self.pad))
-            torch.mul(x, self.signs, out=y[:, :self.dim])
-        else:
-            y = x * self.signs
-        return fwht(y)[:, self.rows]
+        return torch.index_select(fwht(_signed_padded(x, self.signs, self.pad)), 1, self.rows)
+
+
+def _signed_padded(x: torch.Tensor, signs: torch.Tensor, pad: int) -> torch.Tensor:
+    """``x * signs`` zero-padded to ``pad`` columns, in one pass (only the padding is zero-filled)."""
+    dim = x.shape[1]
+    if pad == dim:
+        return x * signs
+    y = x.new_empty((x.shape[0], pad))
+    y[:, dim:].zero_()
+    torch.mul(x, signs, out=y[:, :dim])
+    return y
 
 
 class TensorSRHT:
@@ -99,3 +105,52 @@ class TensorSRHT:
 
     def __call__(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.left(u).mul_(self.right(v)).mul_(1.0 / math.sqrt(self.m))
+
+
+class BlockSRHT:
+    """An SRHT of the concatenation [z_0, ..., z_{k-1}] of k blocks of width ``dim``, one block at a time.
+
+    Each block is zero-padded to B = 2^ceil(log2 dim) and the blocks to K = 2^ceil(log2 k), so that the
+    Sylvester-Hadamard matrix of the padded concatenation factors as H_KB = H_K (x) H_B and its row r = a B + b is
+
+        (H D z)_r = sum_j H_K[a, j] (H_B D_j z_j)_b,
+
+    i.e. the sketch is a sum over blocks of B-point transforms sampled at the same columns b and signed by
+    H_K[a, j]: k transforms of length B instead of one of length K B, none spent on the zero blocks, and
+    blocks may arrive one by one and be weighted differently for several outputs (the NTK Sketch mixes the same
+    PolySketch degrees with the coefficients of two polynomials). Zero padding inside the vector does not change
+    the transform's distribution: this is an SRHT of z (unnormalized, like ``_SRHT``: E[<S z, S z'>] = m <z, z'>).
+    """
+
+    def __init__(self, k: int, dim: int, m: int, gen: torch.Generator):
+        self.k, self.dim = int(k), int(dim)
+        self.block = _next_pow2(self.dim)
+        n_blocks = _next_pow2(self.k)
+        self.signs = (torch.randint(0, 2, (self.k, self.dim), generator=gen, dtype=torch.int64) * 2 - 1).to(
+            torch.float64)
+        self.rows = rows = torch.randint(0, n_blocks * self.block, (int(m),), generator=gen, dtype=torch.int64)
+        self.cols = rows % self.block
+        # block_signs[j, r] = H_K[a_r, j]: the Sylvester entry is (-1)^popcount(a_r & j)
+        a = rows // self.block
+        self.block_signs = torch.stack([1.0 - 2.0 * _parity(a & j) for j in range(self.k)]).to(torch.float64)
+        self.m = int(m)
+
+    def to(self, dtype, device) -> "BlockSRHT":
+        self.signs = self.signs.to(dtype=dtype, device=device)
+        self.block_signs = self.block_signs.to(dtype=dtype, device=device)
+        self.cols = self.cols.to(device=device)
+        return self
+
+    def part(self, j: int, z: torch.Tensor) -> torch.Tensor:
+        """Block j's term of the sketch, (n, dim) -> (n, m); the sketch of z is the sum of the k terms."""
+        y = fwht(_signed_padded(z, self.signs[j], self.block))
+        return torch.index_select(y, 1, self.cols).mul_(self.block_signs[j])
+
+
+def _parity(v: torch.Tensor) -> torch.Tensor:
+    """Parity of the number of set bits of each (non-negative) integer of ``v``, as 0./1. floats."""
+    out = torch.zeros_like(v)
+    while bool((v > 0).any()):
+        out ^= v & 1
+        v = v >> 1
+    return out.to(torch.float64)

@@ -12,7 +12,7 @@ import torch
 
 from ._plan import DenseOp
 from ._random_features import NTKRandomFeatures
-from ._sketch import TensorSRHT, _SRHT
+from ._sketch import BlockSRHT, TensorSRHT, _SRHT
 
 __all__ = ["NTKSketch", "arccos_polynomials"]
 
@@ -59,6 +59,10 @@ class NTKSketch(NTKRandomFeatures):
     evenly across the degrees instead, as an earlier version did, wasted most of them on degrees with tiny or
     zero coefficients: its Gram error was ~25% above the random features'; with S it is below.) The layers
     are combined as in :class:`NTKRandomFeatures` (Dense: concatenation; Theta * Sigma_dot: TensorSRHT).
+    S is applied block by block (:class:`~ntkit.features._sketch.BlockSRHT`: with every degree zero-padded to a
+    power of two, the Hadamard matrix of the concatenation is H_K (x) H_B), so one transform per degree serves
+    both polynomials (NNGP and derivative) and none is spent on padding: 2-3x faster than one SRHT of the
+    concatenation per polynomial, with the same distribution.
     Inputs of every activation are normalized by the exact per-sample variance q(x) (known in closed form
     along the diagonal: Dense q -> W_std^2 q + b_std^2, activation q -> (a^2 + b^2)/2 q), so biases are
     supported at any depth; Zandieh et al. assume unit-norm inputs and no biases.
@@ -110,10 +114,11 @@ class NTKSketch(NTKRandomFeatures):
             top = max(used, default=0)
             first = _SRHT(s, mp, gen) if top else None
             chain = [TensorSRHT(mp, s, mp, gen) for _ in range(top - 1)]
-            mix = _SRHT(len(used) * mp, mp, gen) if used else None
+            mix = BlockSRHT(len(used), mp, mp, gen) if used else None
             sk = TensorSRHT(t, 1 + mp, ms, gen) if (ntk and t is not None) else None
             params.append((torch.as_tensor(c), torch.as_tensor(e), used, first, chain, mix, sk))
-            self._max_dim = max(self._max_dim, 2 * s + (top + 2 * len(used) + 4) * mp + 4 * ms + 2 * (t or 0))
+            # u, a PolySketch degree and its padded transforms, the mix's term and its two sums, the readout sketch
+            self._max_dim = max(self._max_dim, 2 * s + 10 * mp + 4 * ms + 2 * (t or 0))
             s, t = 1 + mp, (ms if t is not None else None)
         self.n_components_ = t if ntk else s
         self.widths_ = {"per_degree": mp, "degree": p, "sketch": ms if ntk else 0}
@@ -151,24 +156,35 @@ class NTKSketch(NTKRandomFeatures):
             c, e, used, first, chain, mix, sk = prm
             norm = s.norm(dim=1, keepdim=True)
             u = s / torch.where(norm > 0, norm, torch.ones_like(norm))
-            powers = []
-            if first is not None:
-                pj = first(u) * (1.0 / math.sqrt(first.rows.shape[0]))
-                powers.append(pj)
-                for tk in chain:
-                    pj = tk(pj, u)
-                    powers.append(pj)
             ones = u.new_ones((u.shape[0], 1))
             sq = torch.sqrt(q)[:, None]
+            need_e = ntk and t is not None
+            mixed = {}  # S(sqrt(coef_j) P_j(u), j used) for coef = c (and e), accumulated degree by degree
+            if first is not None:
+                wts = {"c": c.sqrt().tolist(), "e": e.sqrt().tolist() if need_e else None}
+                pj = first(u) * (1.0 / math.sqrt(first.rows.shape[0]))
+                for j in range(1, used[-1] + 1):
+                    if j > 1:
+                        pj = chain[j - 2](pj, u)
+                    if j not in used:
+                        continue
+                    term = mix.part(used.index(j), pj)
+                    for key, w in wts.items():
+                        if w is not None and w[j] > 0:
+                            if key in mixed:
+                                mixed[key].add_(term, alpha=w[j])
+                            else:
+                                mixed[key] = term * w[j]
 
-            def combine(coef):  # [sqrt(coef_0), S(sqrt(coef_j) P_j(u), j used)]: unbiased for sum_j coef_j rho^j
-                if mix is None:
-                    return ones * coef[0].sqrt()
-                z = torch.cat([powers[j - 1] * coef[j].sqrt() for j in used], dim=1)
-                return torch.cat([ones * coef[0].sqrt(), mix(z) * (1.0 / math.sqrt(mix.rows.shape[0]))], dim=1)
+            def combine(coef, key):  # [sqrt(coef_0), S(sqrt(coef_j) P_j(u), j used)]: unbiased for sum_j coef_j rho^j
+                if key not in mixed:
+                    if mix is None:
+                        return ones * coef[0].sqrt()
+                    mixed[key] = u.new_zeros((u.shape[0], mix.m))
+                return torch.cat([ones * coef[0].sqrt(), mixed.pop(key).mul_(1.0 / math.sqrt(mix.m))], dim=1)
 
             if ntk and t is not None:
-                t = sk(t, combine(e))
-            s = combine(c) * sq
+                t = sk(t, combine(e, "e"))
+            s = combine(c, "c") * sq
             q = q * ((op.a**2 + op.b**2) / 2)
         return t if ntk else s

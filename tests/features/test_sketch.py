@@ -116,3 +116,48 @@ def test_zero_coefficients_cost_no_features_and_variance_is_below_random_feature
     e_sk = err(lambda s: NTKSketch(arch, 1024, random_state=s))
     e_rf = err(lambda s: NTKRandomFeatures(arch, 1024, random_state=s))
     assert e_sk < 0.9 * e_rf, (e_sk, e_rf)
+
+
+def _sylvester(k):
+    h = torch.ones((1, 1), dtype=torch.float64)
+    while h.shape[0] < k:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_block_srht_is_the_srht_of_the_padded_concatenation():
+    # independent reference: the explicit Sylvester-Hadamard matrix of the concatenation with every block
+    # zero-padded to a power of two, the blocks' signs and the sampled rows (BlockSRHT's docstring)
+    from ntkit.features._sketch import BlockSRHT
+
+    g = torch.Generator().manual_seed(3)
+    k, dim, m, n = 3, 5, 40, 7
+    blocks = [torch.randn(n, dim, generator=g, dtype=torch.float64) for _ in range(k)]
+    bs = BlockSRHT(k, dim, m, g)
+    got = sum(bs.part(j, z) for j, z in enumerate(blocks))
+    B, K = 8, 4  # padded block width, padded number of blocks
+    z = torch.zeros(n, K * B, dtype=torch.float64)
+    for j, blk in enumerate(blocks):
+        z[:, j * B:j * B + dim] = blk * bs.signs[j]
+    want = (z @ _sylvester(K * B))[:, bs.rows]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # unbiased for <z, z'> (with the 1 / m of an SRHT): mean over seeds within 5 standard errors
+    zz = torch.cat(blocks, 1)
+    s = 200
+    est = []
+    for seed in range(s):
+        b2 = BlockSRHT(k, dim, m, torch.Generator().manual_seed(seed))
+        f = sum(b2.part(j, z) for j, z in enumerate(blocks))
+        est.append(f @ f.T / m)
+    est = torch.stack(est)
+    zscore = (est.mean(0) - zz @ zz.T) / (est.std(0) / math.sqrt(s))
+    assert float(zscore.abs().max()) < 5, zscore
+    assert float(est.std(0).max()) > 0.01  # a random estimate: the test can fail
+
+
+def test_sketch_is_deterministic_per_random_state():
+    x = torch.rand(30, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    arch = ntkit.mlp(2, W_std=2**0.5, b_std=0.1)
+    a, b, c = (NTKSketch(arch, 256, random_state=s).fit_transform(x) for s in (7, 7, 8))
+    assert torch.equal(a, b)  # bit for bit
+    assert not torch.allclose(a, c)
