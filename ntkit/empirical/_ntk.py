@@ -66,8 +66,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs, sequence_pair
-from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes, features,
-                     layouts, pair_term)
+from ._rules import (GRAD_CHUNK, MIN_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes,
+                     features, jacobian_numbers, layouts, pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
@@ -78,6 +78,7 @@ _NTK_VECTOR_CHUNK = 32
 _METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
 _ROUTE_LOG: list | None = None  # when a list, each structured block appends {weight: dense route} (for tests)
 _PASS_BATCH: int | None = None  # when set, the structured passes' sub-batch size (for tests)
+_GRAD_CHUNK: int | None = None  # when set, the weight-sharing routes' chunk in numbers (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,8 +423,10 @@ def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str]
 
 
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
-                    output: str = "full", verified: set | None = None, pass_batch: int | None = None):
-    """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
+                    output: str = "full", verified: set | None = None, pass_batch: int | None = None,
+                    chunk: int = GRAD_CHUNK):
+    """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes; the
+    weight-sharing routes hold at most ~``chunk`` numbers of temporaries at a time."""
     if verified is None:
         rec = Recorder(model, params)
         verified = set(rec.covered)
@@ -449,7 +452,7 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     for name, us1 in uses1.items():
         for c1, weight, s1 in us1:
             for c2, _, s2 in uses2.get(name, ()):
-                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes)
+                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes, chunk)
                 if weight and (c1, c2) in routes:
                     param_routes.setdefault(name, set()).add(routes[c1, c2])
                 scale = s1 * s2
@@ -458,8 +461,6 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
                 else:
                     theta.add_(term, alpha=scale)
                 del term
-        for key in [key for key in cache if key[0] == "m1"]:  # per-sample gradients: one parameter at a time
-            del cache[key]
     del feats1, feats2, cache
     rest = {k_: v for k_, v in params.items() if k_ not in covered}
     if _METHOD_LOG is not None:
@@ -526,7 +527,7 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
                          max_grad: int = 0, k2: int | None = None, symmetric: bool = False,
                          pair_positions: int = 0, pair_width: int = 0, pass_batch: int | None = None,
-                         dense_layers: tuple | None = None) -> int:
+                         dense_layers: tuple | None = None, chunk: int = GRAD_CHUNK) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
@@ -535,18 +536,22 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
     (default m; the passes of a block run in sub-batches of this size); ``dense_layers``: (L, d, c) of each
     weight-sharing layer, whose route (:func:`ntkit.empirical._rules.dense_route`) decides which temporaries
     count (without it, the maxima below); ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
-    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight gradient a shared-position
-    layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
-    structured features are computed once (the n2 terms drop out).
+    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight
+    gradient a shared-position layer forms; m = max(n1, n2); ``chunk`` the numbers a weight-sharing route
+    holds at a time (:func:`ntkit.empirical._rules.pair_term`). ``symmetric``: a diagonal block of a kernel
+    with x2=None, whose structured features are computed once (the n2 terms drop out).
 
     * jacobian:   max(2 n1 k, n1 k + 2 n2 k2) P (both Jacobians, each formed per parameter and then
       concatenated; 2 n1 k P for a diagonal block of x2=None) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
     * structured: (k + 2) m A (the graph of k + 1 copies of the block's pass, and a backward pass through it) +
       1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
-      the copies a layer's rule makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of
-      one layer, formed in row chunks of at most 2^25 numbers per side) + min(2^25, n1 n2 Q) (the position
-      route's temporaries, Q = ``pair_numbers``: L^2 + 2 k L c of the widest weight-sharing layer) + result;
+      the copies a layer's rule makes) + (n1 + n2) I (inputs) + the larger of the two routes' temporaries,
+      one layer at a time: per-layer Jacobian rows of a slice of the weight for all samples of both sides with
+      their cotangent copy, (n1 k + n2 k2)(d + L) c numbers when they fit ``chunk``, else slices of at most
+      ``chunk`` (:func:`ntkit.empirical._rules.jacobian_numbers`), or the position route's row chunks,
+      min(max(chunk, n2 Q), n1 n2 Q) with Q = L^2 + 2 k L c (``dense_layers``; without it the maxima
+      ``pair_positions``, ``pair_width`` and ``max_grad``) + the route's partial Gram matrix and the result;
       a diagonal block of x2=None computes one side (the n2 terms drop out); m in the first term is
       min(m, ``pass_batch``)
     * result:     n1 n2 k k2
@@ -556,15 +561,23 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
     m = max(n1, n2)
     kk = max(k, k2)
     pos, grad = 0, 0
+    ch = max(int(chunk), 1)
+    sym = symmetric and implementation == "structured"
     if dense_layers is None:  # sizes given as maxima only
-        pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
-        grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
+        if pair_positions:
+            per_row = n2 * (pair_positions + 2 * kk * pair_width)
+            pos = min(max(ch, per_row), n1 * per_row)
+        if max_grad:
+            grad = min(max(ch, 2 * m * kk), (n1 * k + (0 if sym else n2 * k2)) * 2 * max_grad)
     for L, d, c in dense_layers or ():  # the temporaries of the route each weight-sharing layer takes
         routes = {dense_route(n1, n2, k, k2, L, L, d, c, o, symmetric) for o in ("full", "trace")}
         if "positions" in routes:
-            pos = max(pos, min(GRAD_CHUNK, n1 * n2 * (L * L + 2 * kk * L * c)))
+            per_row = n2 * (L * L + 2 * kk * L * c)
+            pos = max(pos, min(max(ch, per_row), n1 * per_row))
         if "jacobian" in routes:
-            grad = max(grad, 2 * min(m * kk * d * c, GRAD_CHUNK))
+            grad = max(grad, jacobian_numbers(n1, k, L, n2, k2, L, d, c, sym, ch))
+    if pos or grad:
+        pos, grad = max(pos, grad) + out, 0  # one layer's route at a time, and its partial Gram matrix
     mp = m if pass_batch is None else min(m, pass_batch)
     if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
         return itemsize * ((k + 2) * mp * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
@@ -768,9 +781,9 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     if impl == "structured" and _PASS_BATCH is not None:
         pass_batch = _PASS_BATCH
 
-    def need(b, kc):
+    def need(b, kc, ch=GRAD_CHUNK):
         return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
-                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch)
+                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch, chunk=ch)
 
     bs = batch_size if batch_size is not None else max(n1, n2)
     kc = output_batch_size if output_batch_size is not None else k
@@ -788,10 +801,22 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         else:
             break
     kc = min(kc, k)
-    if need(bs, kc) > left:
+    # the weight-sharing routes' chunk: blocks are planned with the default; a budget too small for it shrinks
+    # it, and whatever the blocks leave of the budget grows it (fewer, larger products: a Gram matrix of a
+    # layer's Jacobian rows over all samples of the block at once)
+    chunk = GRAD_CHUNK
+    while chunk > MIN_CHUNK and need(bs, kc, chunk) > left:
+        chunk //= 2
+    if impl == "structured" and need(bs, kc, chunk) <= left:
+        top = need(bs, kc, 1 << 62)  # the most the routes can use
+        while need(bs, kc, chunk) < top and need(bs, kc, 2 * chunk) <= left:
+            chunk *= 2
+    if _GRAD_CHUNK is not None:
+        chunk = _GRAD_CHUNK
+    if need(bs, kc, chunk) > left:
         raise MemoryBudgetError(
             f"one block of the empirical NTK ({impl}, {min(bs, n1)} x {min(bs, n2)} inputs, {kc} of k={k} outputs, "
-            f"{n_params} parameters) needs ~{format_bytes(need(bs, kc))} besides the result "
+            f"{n_params} parameters) needs ~{format_bytes(need(bs, kc, chunk))} besides the result "
             f"({format_bytes(result_bytes)}), more than the budget {format_bytes(budget)}; select fewer parameters "
             "(params=), pass smaller batch_size/output_batch_size, or raise memory_budget")
     outs = [slice(a, min(a + kc, k)) for a in range(0, k, kc)]
@@ -809,7 +834,8 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
             ri, rj = slice(i0, i0 + a.n), slice(j0, j0 + nb)
             for oa, ob in opairs:
                 f1, f2 = fwds[oa.start, oa.stop], fwds[ob.start, ob.stop]
-                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch)
+                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch,
+                               chunk)
                 if out_full:
                     result[ri, rj, oa, ob] = block
                     if t2 is None and not same_block:
@@ -830,13 +856,14 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     return result
 
 
-def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None):
+def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None,
+           chunk=GRAD_CHUNK):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
         return _ntk_jacobian(fwd, fwd2, params, a, b, independent, output)
     if impl == "ntk_vector":
         return _reduce(_ntk_vector(fwd, fwd2, params, a, b), output)
-    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch)
+    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch, chunk)
 
 
 def _layer_sizes(calls, n: int) -> dict:
