@@ -26,9 +26,9 @@ s is the fraction of a symmetric Gram matrix computed: ntkit's row chunks on and
 Passes, F = forward multiply-adds per sample of the recorded layers (attention's score and value products,
 2 L^2 E per layer, ~1 % of the transformer's F, and the element-wise layers are not counted):
 torch.func n F + 2 n k F (a forward, and per output a backward that forms input cotangents and weight
-gradients); ntkit 2 (k + 1) n F (a forward and a backward -- cotangents only -- over k + 1 stacked copies, the
-last the row check); the minimum n F + n k F (one forward, k cotangent backwards; the weight gradients are the
-routes' own work above).
+gradients); ntkit n F + (k + 1) n F (one forward, k + 1 backward passes of cotangents only through its graph,
+the last the row check); the minimum n F + n k F (one forward, k cotangent backwards; the weight gradients are
+the routes' own work above).
 
     PYTHONPATH=. .venv/bin/python benchmarks/flops_empirical_models.py [--n 64] [--per-layer]
         [--measured bench.json]  (the --json of bench_empirical_models.py: adds the measured speed-up)
@@ -118,7 +118,7 @@ def table(name: str, n: int, k: int = 10):
             for key, val in zip(("tf", "nt", "min"), cost[out][:3]):
                 tot[out][key] += val
         rows.append((call.w or "?", kind, L, cost))
-    passes = {"tf": n * F + 2 * n * k * F, "nt": 2 * (k + 1) * n * F, "min": n * F + n * k * F}
+    passes = {"tf": n * F + 2 * n * k * F, "nt": n * F + (k + 1) * n * F, "min": n * F + n * k * F}
     return rows, tot, passes, F
 
 

@@ -343,10 +343,13 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
                 root = out[:, a].sum() if a < k else (out * cw).sum()
                 got = torch.autograd.grad(root, node_outs, allow_unused=True, retain_graph=a < reps - 1)
                 for idx, g in zip(wanted, got):
-                    if g is None:
+                    if g is None:  # no cotangent reaches this call from this output
+                        if grads[idx] is not None:
+                            grads[idx][a].zero_()
                         continue
-                    if grads[idx] is None:
-                        grads[idx] = torch.zeros((reps,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                    if grads[idx] is None:  # nor from the passes before this one
+                        grads[idx] = torch.empty((reps,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                        grads[idx][:a].zero_()
                     grads[idx][a] = g
                 del got, root
     finally:
@@ -548,7 +551,7 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
       concatenated; 2 n1 k P for a diagonal block of x2=None) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
     * structured: 2 m A (the graph of the block's forward, kept for its k + 1 backward passes, and one of them) +
-      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
+      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from those passes, and
       the copies a layer's rule makes) + (n1 + n2) I (inputs) + the larger of the two routes' temporaries,
       one layer at a time: per-layer Jacobian rows of a slice of the weight for all samples of both sides with
       their cotangent copy, (n1 k + n2 k2)(d + L) c numbers when they fit ``chunk``, else slices of at most

@@ -202,3 +202,31 @@ def test_route_chunk_is_sized_from_the_budget(monkeypatch):
     small, args, kw, result = run(budget)
     assert big // 4 <= small < big
     assert orig_est(*args, **kw) + result <= budget < orig_est(*args, **{**kw, "chunk": 2 * small}) + result
+
+
+def test_outputs_that_reach_only_some_layers():
+    """Each of the k + 1 backward passes reaches only the layers its output depends on (two heads on separate
+    branches, a layer no output uses): the missing cotangents are zeros and the kernel is the brute-force one."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(5, 3), nn.Linear(5, 2), nn.Linear(5, 2)
+
+        def forward(self, x):
+            self.unused(x).detach()
+            return torch.cat([torch.tanh(self.a(x)), self.b(x).sin()], dim=1)
+
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = [nm for nm, _ in model.named_parameters() if not nm.startswith("unused")]
+    ref = brute_force_ntk(model, x, x)
+    for output in OUTPUTS:
+        _ntk._METHOD_LOG = log = []
+        try:
+            got = empirical_ntk(model, x, output=output, implementation="structured", params=params)
+        finally:
+            _ntk._METHOD_LOG = None
+        assert log and all(v.startswith("structured") for block in log for v in block.values()), log
+        want = _reduce(ref, output)
+        assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), output
