@@ -21,7 +21,8 @@ n samples, k outputs, x2 = None (a symmetric kernel), kk = k^2 ("full") or k ("t
   + s n^2 kk c) (per-sample gradients, their Gram matrix).
 
 s is the fraction of a symmetric Gram matrix computed: ntkit's row chunks on and above the diagonal
-(``_rules.sym_fraction``, 0.58 at n = 64), the minimum (n + 1) / (2 n).
+(``_rules.sym_fraction``, 0.58 at n = 64; 1 for the per-layer Jacobian's "trace" Gram matrix, an n-row product
+bound by reading its operands, computed whole), the minimum (n + 1) / (2 n).
 
 Passes, F = forward multiply-adds per sample of the recorded layers (attention's score and value products,
 2 L^2 E per layer, ~1 % of the transformer's F, and the element-wise layers are not counted):
@@ -107,7 +108,8 @@ def table(name: str, n: int, k: int = 10):
                     pos = n * n * L * L * (d + k * c) + extra
                     jac_form, gram = n * k * L * d * c, n * n * kk * d * c
                     route = R.dense_route(n, n, k, k, L, L, d, c, out, True)
-                    nt = s_nt * pos if route == "positions" else jac_form + s_nt * gram
+                    s_gram = s_nt if out == "full" else 1.0  # contract_sym: whole for trace/diagonal
+                    nt = s_nt * pos if route == "positions" else jac_form + s_gram * gram
                     mn = min(s_min * pos, jac_form + s_min * gram)
                     tf = gram
                     if bias:

@@ -512,8 +512,9 @@ def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, 
       (n1 n2 k1 k2 d c for "full", n1 n2 k d c otherwise).
       Independent of the positions: cheap for many positions and narrow layers.
 
-    A symmetric diagonal block (``symmetric``) computes the fraction :func:`sym_fraction` of either route's
-    pair products (row chunks on and above the diagonal) and forms one side's Jacobian rows.
+    A symmetric diagonal block (``symmetric``) computes the fraction :func:`sym_fraction` of the position
+    route's pair products and of the Jacobian rows' "full" Gram matrix (row chunks on and above the diagonal;
+    :func:`contract_sym` computes a "trace"/"diagonal" one whole), and forms one side's Jacobian rows.
     """
     kk = k1 * k2 if output == "full" else k1
     s = sym_fraction(n1) if symmetric else 1.0
@@ -521,7 +522,7 @@ def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, 
         extra = n1 * n2 * kk * positions1 * c if output == "full" else 0
         return float(s * (n1 * n2 * positions1 * positions2 * (d + k2 * c) + extra))
     form = n1 * k1 * positions1 * d * c + (0 if symmetric else n2 * k2 * positions2 * d * c)
-    return float(form + s * n1 * n2 * kk * d * c)
+    return float(form + (s if output == "full" else 1.0) * n1 * n2 * kk * d * c)
 
 
 def dense_route(n1, n2, k1, k2, positions1, positions2, d, c, output, symmetric=False) -> str:
@@ -545,10 +546,13 @@ def sym_fraction(n: int) -> float:
 
 def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
     """:func:`contract` (u, u, output) computing only the chunks on and above the diagonal (the rest mirrored):
-    about (1 + 1/c)/2 of the multiply-adds with c chunks."""
+    about (1 + 1/c)/2 of the multiply-adds with c chunks -- for ``"full"`` only, whose products have n k rows.
+    A "trace" or "diagonal" Gram matrix is a product with n rows and a long inner dimension, bound by reading
+    u: row chunks of it each read all of u again (measured: an 11-row chunk of a 64 x 1.5 M product takes as
+    long as all 64 rows), so it is computed whole."""
     n = u.shape[0]
     chunks = min(6, n // SYM_MIN_ROWS)
-    if chunks < 2:
+    if chunks < 2 or output != "full":
         return contract(u, u, output)
     step = -(-n // chunks)
     out = None
