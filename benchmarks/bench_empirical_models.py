@@ -28,13 +28,18 @@ from two measurements, each at the full problem's shape, in a way that can only 
 
 torch.func's memory is reported as its Jacobian alone, n k P x 4 bytes (one Jacobian reused for both sides).
 
+``--budgets-gb`` adds ntkit at further memory budgets (time and peak vs ``memory_budget``), each against the
+same baseline. The load average (1 minute) is recorded before and after each measurement.
+
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_empirical_models.py [--budget-gb 4] [--n 64]
+        [--budgets-gb 0.5 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,16 +115,20 @@ print(json.dumps(res))
 
 
 def run(model, method, n, output, budget, extra=0):
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, "-c", WORKER, model, method, str(n), output, str(ROOT), str(budget),
                            str(extra)], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"model": model, "method": method, "n": n, "output": output, "error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res.update(budget=budget, load=(round(load, 1), round(os.getloadavg()[0], 1)))
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-gb", type=float, default=4.0, help="ntkit's memory_budget in GB")
+    ap.add_argument("--budgets-gb", type=float, nargs="*", default=[], help="further budgets for ntkit (GB)")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--jac-block", type=int, default=4, help="samples per timed torch.func Jacobian")
     ap.add_argument("--chunk", type=int, default=250_000, help="parameter columns of the timed contraction")
@@ -140,25 +149,35 @@ def main():
             con = run(model, "tf_contract", args.n, output, budget, args.chunk)
             print(json.dumps(con), flush=True)
             rows += [ours, con]
-            if any("error" in p for p in (jac, ours, con)):
+            more = []
+            for b in args.budgets_gb:
+                more.append(run(model, "ntkit", args.n, output, b * 1e9))
+                print(json.dumps(more[-1]), flush=True)
+            rows += more
+            if any("error" in p for p in (jac, con)):
                 continue
             p = jac["n_params"]
             t_jac, t_con = jac["per_sample"] * args.n, con["per_param"] * p
             t_tf = t_jac + t_con
             m_tf = args.n * k * p * 4
-            table.append({"model": model, "output": output, "ntkit_s": ours["seconds"],
-                          "ntkit_peak_GB": ours["peak_bytes"] / 1e9, "ntkit_estimate_GB": ours["estimate_bytes"] / 1e9,
-                          "routes": ours.get("routes"), "tf_jacobian_s": t_jac, "tf_contract_s": t_con,
-                          "tf_s": t_tf, "tf_GB": m_tf / 1e9, "speedup": t_tf / ours["seconds"],
-                          "memory_ratio": m_tf / max(ours["peak_bytes"], 1)})
+            for r in [ours] + more:
+                if "error" in r:
+                    continue
+                table.append({"model": model, "output": output, "budget_GB": r["budget"] / 1e9,
+                              "ntkit_s": r["seconds"], "ntkit_peak_GB": r["peak_bytes"] / 1e9,
+                              "ntkit_estimate_GB": r["estimate_bytes"] / 1e9, "routes": r.get("routes"),
+                              "tf_jacobian_s": t_jac, "tf_contract_s": t_con, "tf_s": t_tf, "tf_GB": m_tf / 1e9,
+                              "speedup": t_tf / r["seconds"], "memory_ratio": m_tf / max(r["peak_bytes"], 1),
+                              "load": r["load"]})
     print()
-    print("| model | output | ntkit s | ntkit peak GB (estimate) | torch.func s: Jacobian + contraction = total "
-          "| torch.func GB (Jacobian) | speed-up | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | output | budget GB | ntkit s | ntkit peak GB (estimate) | torch.func s: Jacobian + contraction "
+          "= total | torch.func GB (Jacobian) | speed-up | memory ratio | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['model']} | {r['output']} | {r['ntkit_s']:.1f} | {r['ntkit_peak_GB']:.2f} "
+        print(f"| {r['model']} | {r['output']} | {r['budget_GB']:g} | {r['ntkit_s']:.1f} | {r['ntkit_peak_GB']:.2f} "
               f"({r['ntkit_estimate_GB']:.2f}) | {r['tf_jacobian_s']:.0f} + {r['tf_contract_s']:.0f} = "
-              f"{r['tf_s']:.0f} | {r['tf_GB']:.1f} | {r['speedup']:.1f}x | {r['memory_ratio']:.0f}x |")
+              f"{r['tf_s']:.0f} | {r['tf_GB']:.1f} | {r['speedup']:.1f}x | {r['memory_ratio']:.1f}x | "
+              f"{r['load'][0]}-{r['load'][1]} |")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "table": table}, indent=1))
 

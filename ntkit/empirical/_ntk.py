@@ -20,8 +20,8 @@ Three implementations, which must agree to rounding (tested against brute-force 
   positions takes, per layer, the cheaper of the position-pair contraction and its per-layer Jacobian rows
   formed from the captured inputs and cotangents (multiply-add model ``_rules.dense_cost``); with x2=None
   each Gram matrix is computed on and above the diagonal only; the k cotangents of every recorded output come
-  from one backward pass over k + 1 stacked copies of the block (in sub-batches sized by the memory budget;
-  the last copy carries the row check below). Parameters of any other
+  from k + 1 backward passes through one forward graph of the block (in sub-batches sized by the memory
+  budget; the last pass carries the row check below). Parameters of any other
   module fall back to the Jacobian method, restricted to them. Memory ~ (n1 + n2) k (sum of layer widths
   x positions) numbers. Valid when samples do not interact;
   ``"auto"`` checks that by comparing the model's output on a small batch with its outputs on the same
@@ -66,8 +66,8 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from .._progress import progress
 from .._validation import MemoryBudgetError, available_memory_bytes, format_bytes
 from ._inputs import Inputs, check_pair_inputs, prepare_inputs, sequence_pair
-from ._rules import (GRAD_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes, features,
-                     layouts, pair_term)
+from ._rules import (GRAD_CHUNK, MIN_CHUNK, Call, Recorder, apply_layout, contract, dense_route, feature_sizes,
+                     features, jacobian_numbers, layouts, pair_term)
 
 __all__ = ["empirical_ntk", "empirical_nngp", "IMPLEMENTATIONS", "OUTPUTS", "peak_memory_estimate",
            "cost_estimate"]
@@ -78,6 +78,7 @@ _NTK_VECTOR_CHUNK = 32
 _METHOD_LOG: list | None = None  # when a list, each structured block appends {parameter: method} (for tests)
 _ROUTE_LOG: list | None = None  # when a list, each structured block appends {weight: dense route} (for tests)
 _PASS_BATCH: int | None = None  # when set, the structured passes' sub-batch size (for tests)
+_GRAD_CHUNK: int | None = None  # when set, the weight-sharing routes' chunk in numbers (for tests)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def _unrecorded_uses(out: torch.Tensor, leaf: Mapping[str, torch.Tensor], calls,
 
 
 def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, names: set[str], k: int | None = None):
-    """One forward of k + 1 replicas of the batch with hooks, and one backward pass.
+    """One forward of the batch with hooks, and k + 1 backward passes through its graph.
 
     Returns ``(feats, uses, k, ok)``: ``feats[c]`` the rule's data for every recorded call (patches and
     cotangents, token ids and cotangents, or per-sample gradients; None for calls no parameter of ``ok``
@@ -288,19 +289,19 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     check and whose outputs the rule reproduces; ``uses[name] = [(c, is_weight, scale), ...]`` the calls in
     which each parameter of ``ok`` takes part (tied weights: several), with the parameterization's scale.
 
-    The samples are independent here (the structured path requires it), so the k cotangents of every layer
-    output come from one ordinary backward pass over k + 1 stacked copies of the batch: copy a receives the
-    one-hot cotangent of output unit a, the last copy random per-sample weights C for the row check. This
-    runs the model's own batched kernels (a vmapped backward pass over k cotangents falls back to slow
-    per-cotangent loops for several operations, e.g. max-pooling and batch norm)."""
+    The k cotangents of every layer output come from k + 1 ordinary backward passes through the one forward
+    graph (kept between them): pass a (a < k) starts from output unit a on every sample, the last from random
+    per-sample weights C (the row check: by linearity it must equal sum_a C_ia g_a on row i, which holds only
+    if row i of the call depends on sample i alone). One forward instead of a forward of k + 1 stacked copies
+    (k n F fewer multiply-adds; the graph of n samples, not of (k + 1) n, held), and the model's own batched
+    kernels (a vmapped backward pass over k cotangents falls back to slow per-cotangent loops for several
+    operations, e.g. max-pooling and batch norm)."""
     state = fwd.state
     if k is None:
         with torch.no_grad():
             k = fwd(params, x[:1]).shape[1]
     n = x.n
     reps = k + 1 if n > 1 else k
-    xr = Inputs.cat([x] * reps) if reps > 1 else x
-    nr = xr.n
     for clone in ((True,) if state.get("clone") else (False, True)):
         # first without copying layer outputs; if an in-place operation downstream changed a recorded
         # output (its version counter moved), again with the hooks returning copies (remembered for the
@@ -309,7 +310,7 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
         rec = Recorder(model, names, clone_outputs=clone, leaf_names={id(v): k_ for k_, v in leaf_params.items()})
         try:
             with torch.enable_grad(), rec.intercept():
-                out = fwd(leaf_params, xr)
+                out = fwd(leaf_params, x)
         except BaseException:
             rec.remove()
             raise
@@ -328,46 +329,52 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
     for call in rec.calls:
         if call.rule is None:
             ok -= call.names
-    # cotangents: copy a (a < k) gets e_a on each of its rows; copy k (the row check) gets random weights C
+    # cotangents: pass a (a < k) starts from e_a on every sample; pass k (the row check) from random weights C
     gen = torch.Generator(device="cpu").manual_seed(4321)
     cw = torch.randn((n, k), generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
-    seed = torch.zeros((reps, n, k), dtype=out.dtype, device=out.device)
-    idx_k = torch.arange(k, device=out.device)
-    seed[idx_k, :, idx_k] = 1.0
-    if reps > k:
-        seed[k] = cw
+    wanted = [idx for idx, call in enumerate(rec.calls) if call.names & ok]
+    grads: list = [None] * len(rec.calls)  # per call: (pass, *output shape)
     try:
         with torch.enable_grad():
-            node_outs = [c.o for c in rec.calls]
-            # a scalar root: torch.autograd.grad with explicit grad_outputs imports sympy on its first call
-            # in a process (seconds), which a small model's kernel should not pay
-            grads = list(torch.autograd.grad((out * seed.reshape(nr, k)).sum(), node_outs,
-                                             allow_unused=True)) if node_outs else []
+            node_outs = [rec.calls[idx].o for idx in wanted]
+            for a in range(reps if node_outs else 0):
+                # a scalar root: torch.autograd.grad with explicit grad_outputs imports sympy on its first call
+                # in a process (seconds), which a small model's kernel should not pay
+                root = out[:, a].sum() if a < k else (out * cw).sum()
+                got = torch.autograd.grad(root, node_outs, allow_unused=True, retain_graph=a < reps - 1)
+                for idx, g in zip(wanted, got):
+                    if g is None:  # no cotangent reaches this call from this output
+                        if grads[idx] is not None:
+                            grads[idx][a].zero_()
+                        continue
+                    if grads[idx] is None:  # nor from the passes before this one
+                        grads[idx] = torch.empty((reps,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                        grads[idx][:a].zero_()
+                    grads[idx][a] = g
+                del got, root
     finally:
         rec.remove()
-    del out, seed
+    del out
     feats, uses = [], {}
     for idx, call in enumerate(rec.calls):
         o = call.o.detach()
         g_all = grads[idx]
-        grads[idx] = None  # one copy of the cotangents at a time
+        grads[idx] = None  # one call's cotangents at a time
         if not call.names & ok:
             feats.append(None)
             continue
         if g_all is None:
-            g_all = torch.zeros_like(o)
+            g_all = torch.zeros((reps,) + tuple(o.shape), dtype=o.dtype, device=o.device)
         feat = None
-        for lay in layouts(call, nr):  # the first layout the row check confirms
-            gl = apply_layout(g_all, lay, nr)
-            g = gl.reshape(reps, n, *gl.shape[1:])  # (copy, sample, ...)
+        for lay in layouts(call, n):  # the first layout the row check confirms
+            g = apply_layout(g_all, lay, n, offset=1)  # (pass, sample, ...)
             if reps > k:
                 want = torch.einsum("ia,ai...->i...", cw, g[:k])
                 got = g[k]
                 scale = float(want.abs().max()) if want.numel() else 0.0
                 if want.numel() and float((got - want).abs().max()) > torch.finfo(o.dtype).eps ** 0.5 * scale + 1e-300:
                     continue
-            first = slice(0, n)
-            feat = features(call, apply_layout(call.a.detach(), lay, nr)[first], apply_layout(o, lay, nr)[first],
+            feat = features(call, apply_layout(call.a.detach(), lay, n), apply_layout(o, lay, n),
                             g[:k].transpose(0, 1), leaf_params)
             break
         del g_all
@@ -391,7 +398,7 @@ def _structured_features(fwd: _Forward, params, x: Inputs, model: nn.Module, nam
 
 def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str], k, pass_batch):
     """:func:`_structured_features` of a block whose forward/backward passes run on sub-batches of at most
-    ``pass_batch`` samples (so that k + 1 copies of a sub-batch's graph fit the budget while the block's
+    ``pass_batch`` samples (so that a sub-batch's graph fits the budget while the block's
     features, and so the pairs contracted at once, stay large); the features are concatenated over the
     sub-batches, a parameter counts as structured only if every sub-batch confirms it with the same calls."""
     if pass_batch is None or x.n <= pass_batch:
@@ -422,8 +429,10 @@ def _features_in_passes(fwd: _Forward, params, x: Inputs, model, names: set[str]
 
 
 def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, model,
-                    output: str = "full", verified: set | None = None, pass_batch: int | None = None):
-    """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes."""
+                    output: str = "full", verified: set | None = None, pass_batch: int | None = None,
+                    chunk: int = GRAD_CHUNK):
+    """Structured derivatives (Novak et al. 2022, Sec. 3-4), reduced to ``output`` as it goes; the
+    weight-sharing routes hold at most ~``chunk`` numbers of temporaries at a time."""
     if verified is None:
         rec = Recorder(model, params)
         verified = set(rec.covered)
@@ -449,7 +458,7 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
     for name, us1 in uses1.items():
         for c1, weight, s1 in us1:
             for c2, _, s2 in uses2.get(name, ()):
-                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes)
+                term = pair_term(feats1[c1], feats2[c2], weight, output, cache, (c1, c2), routes, chunk)
                 if weight and (c1, c2) in routes:
                     param_routes.setdefault(name, set()).add(routes[c1, c2])
                 scale = s1 * s2
@@ -458,8 +467,6 @@ def _ntk_structured(fwd: _Forward, fwd2, params, x1: Inputs, x2: Inputs | None, 
                 else:
                     theta.add_(term, alpha=scale)
                 del term
-        for key in [key for key in cache if key[0] == "m1"]:  # per-sample gradients: one parameter at a time
-            del cache[key]
     del feats1, feats2, cache
     rest = {k_: v for k_, v in params.items() if k_ not in covered}
     if _METHOD_LOG is not None:
@@ -526,7 +533,7 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
                          itemsize: int = 8, *, activations: int = 0, inputs_sum: int = 0,
                          max_grad: int = 0, k2: int | None = None, symmetric: bool = False,
                          pair_positions: int = 0, pair_width: int = 0, pass_batch: int | None = None,
-                         dense_layers: tuple | None = None) -> int:
+                         dense_layers: tuple | None = None, chunk: int = GRAD_CHUNK) -> int:
     """Documented peak-memory model (bytes) of one block, used by ``auto``, the block sizes and the budget
     check. n1, n2 samples and k (x1 side) and k2 (x2 side, default k) output units per block; P parameters;
     A = ``activations``, numbers the autograd graph of one sample saves (measured on the probe forward);
@@ -535,18 +542,22 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
     (default m; the passes of a block run in sub-batches of this size); ``dense_layers``: (L, d, c) of each
     weight-sharing layer, whose route (:func:`ntkit.empirical._rules.dense_route`) decides which temporaries
     count (without it, the maxima below); ``pair_positions`` (L^2) and ``pair_width`` (L c) the largest of the
-    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight gradient a shared-position
-    layer forms; m = max(n1, n2). ``symmetric``: a diagonal block of a kernel with x2=None, whose
-    structured features are computed once (the n2 terms drop out).
+    weight-sharing layers (positions L, output channels c); M = ``max_grad``, the largest per-sample weight
+    gradient a shared-position layer forms; m = max(n1, n2); ``chunk`` the numbers a weight-sharing route
+    holds at a time (:func:`ntkit.empirical._rules.pair_term`). ``symmetric``: a diagonal block of a kernel
+    with x2=None, whose structured features are computed once (the n2 terms drop out).
 
     * jacobian:   max(2 n1 k, n1 k + 2 n2 k2) P (both Jacobians, each formed per parameter and then
       concatenated; 2 n1 k P for a diagonal block of x2=None) + m (1 + k) A (vmapped backward passes) + result
     * ntk_vector: min(n2 k2, 32) (P + (n1 + n2) A) (chunks of vmapped products) + result
-    * structured: (k + 2) m A (the graph of k + 1 copies of the block's pass, and a backward pass through it) +
-      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from that backward pass, and
-      the copies a layer's rule makes) + (n1 + n2) I (inputs) + 2 min(m k M, 2^25) (per-sample gradients of
-      one layer, formed in row chunks of at most 2^25 numbers per side) + min(2^25, n1 n2 Q) (the position
-      route's temporaries, Q = ``pair_numbers``: L^2 + 2 k L c of the widest weight-sharing layer) + result;
+    * structured: 2 m A (the graph of the block's forward, kept for its k + 1 backward passes, and one of them) +
+      1.25 ((k + 1) n1 + (k2 + 1) n2) W (the cotangents of all recorded outputs from those passes, and
+      the copies a layer's rule makes) + (n1 + n2) I (inputs) + the larger of the two routes' temporaries,
+      one layer at a time: per-layer Jacobian rows of a slice of the weight for all samples of both sides with
+      their cotangent copy, (n1 k + n2 k2)(d + L) c numbers when they fit ``chunk``, else slices of at most
+      ``chunk`` (:func:`ntkit.empirical._rules.jacobian_numbers`), or the position route's row chunks,
+      min(max(chunk, n2 Q), n1 n2 Q) with Q = L^2 + 2 k L c (``dense_layers``; without it the maxima
+      ``pair_positions``, ``pair_width`` and ``max_grad``) + the route's partial Gram matrix and the result;
       a diagonal block of x2=None computes one side (the n2 terms drop out); m in the first term is
       min(m, ``pass_batch``)
     * result:     n1 n2 k k2
@@ -556,18 +567,26 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
     m = max(n1, n2)
     kk = max(k, k2)
     pos, grad = 0, 0
+    ch = max(int(chunk), 1)
+    sym = symmetric and implementation == "structured"
     if dense_layers is None:  # sizes given as maxima only
-        pos = min(GRAD_CHUNK, n1 * n2 * (pair_positions + 2 * kk * pair_width)) if pair_positions else 0
-        grad = 2 * min(m * kk * max_grad, GRAD_CHUNK)
+        if pair_positions:
+            per_row = n2 * (pair_positions + 2 * kk * pair_width)
+            pos = min(max(ch, per_row), n1 * per_row)
+        if max_grad:
+            grad = min(max(ch, 2 * m * kk), (n1 * k + (0 if sym else n2 * k2)) * 2 * max_grad)
     for L, d, c in dense_layers or ():  # the temporaries of the route each weight-sharing layer takes
         routes = {dense_route(n1, n2, k, k2, L, L, d, c, o, symmetric) for o in ("full", "trace")}
         if "positions" in routes:
-            pos = max(pos, min(GRAD_CHUNK, n1 * n2 * (L * L + 2 * kk * L * c)))
+            per_row = n2 * (L * L + 2 * kk * L * c)
+            pos = max(pos, min(max(ch, per_row), n1 * per_row))
         if "jacobian" in routes:
-            grad = max(grad, 2 * min(m * kk * d * c, GRAD_CHUNK))
+            grad = max(grad, jacobian_numbers(n1, k, L, n2, k2, L, d, c, sym, ch))
+    if pos or grad:
+        pos, grad = max(pos, grad) + out, 0  # one layer's route at a time, and its partial Gram matrix
     mp = m if pass_batch is None else min(m, pass_batch)
     if symmetric and implementation == "structured":  # a diagonal block of x2=None: one side's features
-        return itemsize * ((k + 2) * mp * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
+        return itemsize * (2 * mp * activations + (5 * n1 * (k + 1) * width_sum) // 4 + n1 * inputs_sum
                            + grad + pos + out)
     if implementation == "jacobian":
         # each side's Jacobian per parameter, then concatenated: twice one side's size while it is formed
@@ -575,7 +594,7 @@ def peak_memory_estimate(implementation: str, n1: int, n2: int, k: int, n_params
         return itemsize * (jac * n_params + m * (1 + max(k, k2)) * activations + out)
     if implementation == "ntk_vector":
         return itemsize * (min(n2 * k2, _NTK_VECTOR_CHUNK) * (n_params + (n1 + n2) * activations) + out)
-    return itemsize * ((kk + 2) * mp * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
+    return itemsize * (2 * mp * activations + (5 * (n1 * (k + 1) + n2 * (k2 + 1)) * width_sum) // 4
                        + (n1 + n2) * inputs_sum + grad + pos + out)
 
 
@@ -761,16 +780,16 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
 
     pass_batch = None
     if impl == "structured" and sizes["activations"] > 0:
-        # the forward/backward passes of a block run on sub-batches whose k + 1 copies' graph takes at most a
-        # quarter of the budget: blocks are then sized by the features they keep, not by the graph (fewer,
-        # larger blocks, so fewer recomputed passes)
-        pass_batch = max(1, int(0.25 * left // (item * (k + 2) * sizes["activations"])))
+        # the forward/backward passes of a block run on sub-batches whose graph (and a backward pass through it)
+        # takes at most a quarter of the budget: blocks are then sized by the features they keep, not by the
+        # graph (fewer, larger blocks, so fewer recomputed passes)
+        pass_batch = max(1, int(0.25 * left // (item * 2 * sizes["activations"])))
     if impl == "structured" and _PASS_BATCH is not None:
         pass_batch = _PASS_BATCH
 
-    def need(b, kc):
+    def need(b, kc, ch=GRAD_CHUNK):
         return peak_memory_estimate(impl, min(b, n1), min(b, n2), kc, n_params, width_sum, item, **sizes,
-                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch)
+                                    symmetric=t2 is None and b >= n1 and kc >= k, pass_batch=pass_batch, chunk=ch)
 
     bs = batch_size if batch_size is not None else max(n1, n2)
     kc = output_batch_size if output_batch_size is not None else k
@@ -788,10 +807,22 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
         else:
             break
     kc = min(kc, k)
-    if need(bs, kc) > left:
+    # the weight-sharing routes' chunk: blocks are planned with the default; a budget too small for it shrinks
+    # it, and whatever the blocks leave of the budget grows it (fewer, larger products: a Gram matrix of a
+    # layer's Jacobian rows over all samples of the block at once)
+    chunk = GRAD_CHUNK
+    while chunk > MIN_CHUNK and need(bs, kc, chunk) > left:
+        chunk //= 2
+    if impl == "structured" and need(bs, kc, chunk) <= left:
+        top = need(bs, kc, 1 << 62)  # the most the routes can use
+        while need(bs, kc, chunk) < top and need(bs, kc, 2 * chunk) <= left:
+            chunk *= 2
+    if _GRAD_CHUNK is not None:
+        chunk = _GRAD_CHUNK
+    if need(bs, kc, chunk) > left:
         raise MemoryBudgetError(
             f"one block of the empirical NTK ({impl}, {min(bs, n1)} x {min(bs, n2)} inputs, {kc} of k={k} outputs, "
-            f"{n_params} parameters) needs ~{format_bytes(need(bs, kc))} besides the result "
+            f"{n_params} parameters) needs ~{format_bytes(need(bs, kc, chunk))} besides the result "
             f"({format_bytes(result_bytes)}), more than the budget {format_bytes(budget)}; select fewer parameters "
             "(params=), pass smaller batch_size/output_batch_size, or raise memory_budget")
     outs = [slice(a, min(a + kc, k)) for a in range(0, k, kc)]
@@ -809,7 +840,8 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
             ri, rj = slice(i0, i0 + a.n), slice(j0, j0 + nb)
             for oa, ob in opairs:
                 f1, f2 = fwds[oa.start, oa.stop], fwds[ob.start, ob.stop]
-                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch)
+                block = _block(impl, f1, f2, chosen, a, b, model, independent, output, verified, pass_batch,
+                               chunk)
                 if out_full:
                     result[ri, rj, oa, ob] = block
                     if t2 is None and not same_block:
@@ -830,13 +862,14 @@ def _empirical_ntk(model, t1: Inputs, t2: Inputs | None, chosen, output, impleme
     return result
 
 
-def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None):
+def _block(impl, fwd, fwd2, params, a, b, model, independent, output, verified=None, pass_batch=None,
+           chunk=GRAD_CHUNK):
     """One block of the kernel, already reduced to ``output``."""
     if impl == "jacobian":
         return _ntk_jacobian(fwd, fwd2, params, a, b, independent, output)
     if impl == "ntk_vector":
         return _reduce(_ntk_vector(fwd, fwd2, params, a, b), output)
-    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch)
+    return _ntk_structured(fwd, fwd2, params, a, b, model, output, verified, pass_batch, chunk)
 
 
 def _layer_sizes(calls, n: int) -> dict:
@@ -871,8 +904,8 @@ def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, 
     * jacobian:   (n1 + n2) k 3F  (one backward per sample and output; x (n1 + n2) if the samples are
       coupled and the whole batch is differentiated) + 2 n1 n2 k^2 P (the contraction)
     * ntk_vector: n2 k (n1 + n2) 3F (a vjp over x2 and a jvp over x1 per cotangent)
-    * structured: (n1 + n2)(1 + 2k) F (forward, k backwards) + 2 n1 n2 k^2 W (per-layer contractions
-      of inputs and cotangents)
+    * structured: (n1 + n2)(k + 2) F (a forward, k + 1 backwards of cotangents only) + 2 n1 n2 k^2 W
+      (per-layer contractions of inputs and cotangents)
     """
     f = float(layer_flops) + 2.0 * n_params
     if implementation == "jacobian":
@@ -880,7 +913,7 @@ def cost_estimate(implementation: str, n1: int, n2: int, k: int, n_params: int, 
         return passes + 2.0 * n1 * n2 * k * k * n_params
     if implementation == "ntk_vector":
         return n2 * k * (n1 + n2) * 3 * f
-    return (n1 + n2) * (1 + 2 * k) * f + 2.0 * n1 * n2 * k * k * width_sum
+    return (n1 + n2) * (k + 2) * f + 2.0 * n1 * n2 * k * k * width_sum
 
 
 def _choose(independent, n1, n2, k, n_params, width_sum, layer_flops, item, budget, sizes=None) -> str:

@@ -440,8 +440,12 @@ def _expand(aa: torch.Tensor, output: str) -> torch.Tensor:
     return aa if output == "trace" else aa[:, :, None] if output == "diagonal" else aa[:, :, None, None]
 
 
-_PAIR_CHUNK = 1 << 22
-GRAD_CHUNK = 1 << 25  # numbers of one side's per-sample weight gradients formed at a time  # numbers per gathered chunk of matched token pairs
+_PAIR_CHUNK = 1 << 22  # numbers per gathered chunk of matched token pairs
+# numbers a weight-sharing layer's route holds at a time (per-layer Jacobian rows of both sides, or the position
+# route's temporaries): the default and the size blocks are planned with; ``empirical_ntk`` grows it to what the
+# memory budget leaves (``chunk=`` of :func:`pair_term`)
+GRAD_CHUNK = 1 << 25
+MIN_CHUNK = 1 << 12  # the smallest chunk a small budget may shrink it to
 
 
 def _embedding_term(e1, e2, output: str) -> torch.Tensor:
@@ -505,15 +509,20 @@ def dense_cost(route: str, n1: int, n2: int, k1: int, k2: int, positions1: int, 
       few positions.
     * ``"jacobian"``: the per-layer Jacobian rows J_a = sum_p g_ap (x) a_p (d c numbers per sample and output,
       from the captured inputs and cotangents: n k L d c, no extra backward pass), then their inner products
-      (n1 n2 k1 k2 d c for "full", n1 n2 k d c otherwise; half of that for a symmetric diagonal block).
+      (n1 n2 k1 k2 d c for "full", n1 n2 k d c otherwise).
       Independent of the positions: cheap for many positions and narrow layers.
+
+    A symmetric diagonal block (``symmetric``) computes the fraction :func:`sym_fraction` of the position
+    route's pair products and of the Jacobian rows' "full" Gram matrix (row chunks on and above the diagonal;
+    :func:`contract_sym` computes a "trace"/"diagonal" one whole), and forms one side's Jacobian rows.
     """
     kk = k1 * k2 if output == "full" else k1
+    s = sym_fraction(n1) if symmetric else 1.0
     if route == "positions":
         extra = n1 * n2 * kk * positions1 * c if output == "full" else 0
-        return float(n1 * n2 * positions1 * positions2 * (d + k2 * c) + extra)
+        return float(s * (n1 * n2 * positions1 * positions2 * (d + k2 * c) + extra))
     form = n1 * k1 * positions1 * d * c + (0 if symmetric else n2 * k2 * positions2 * d * c)
-    return float(form + (0.5 if symmetric else 1.0) * n1 * n2 * kk * d * c)
+    return float(form + (s if output == "full" else 1.0) * n1 * n2 * kk * d * c)
 
 
 def dense_route(n1, n2, k1, k2, positions1, positions2, d, c, output, symmetric=False) -> str:
@@ -525,12 +534,25 @@ def dense_route(n1, n2, k1, k2, positions1, positions2, d, c, output, symmetric=
 SYM_MIN_ROWS = 8  # a symmetric Gram matrix is computed in row chunks of at least this many samples
 
 
-def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
-    """:func:`contract` (u, u, output) computing only the chunks on and above the diagonal (the rest mirrored):
-    about (1 + 1/c)/2 of the multiply-adds with c chunks."""
-    n = u.shape[0]
+def sym_fraction(n: int) -> float:
+    """Fraction of the n x n pair products that the row chunks of a symmetric block compute (chunks on and
+    above the diagonal, :func:`contract_sym`): 1 below 2 chunks, 0.58 at n = 64."""
     chunks = min(6, n // SYM_MIN_ROWS)
     if chunks < 2:
+        return 1.0
+    step = -(-n // chunks)
+    return sum(min(step, n - i0) * (n - i0) for i0 in range(0, n, step)) / (n * n)
+
+
+def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
+    """:func:`contract` (u, u, output) computing only the chunks on and above the diagonal (the rest mirrored):
+    about (1 + 1/c)/2 of the multiply-adds with c chunks -- for ``"full"`` only, whose products have n k rows.
+    A "trace" or "diagonal" Gram matrix is a product with n rows and a long inner dimension, bound by reading
+    u: row chunks of it each read all of u again (measured: an 11-row chunk of a 64 x 1.5 M product takes as
+    long as all 64 rows), so it is computed whole."""
+    n = u.shape[0]
+    chunks = min(6, n // SYM_MIN_ROWS)
+    if chunks < 2 or output != "full":
         return contract(u, u, output)
     step = -(-n // chunks)
     out = None
@@ -546,9 +568,9 @@ def contract_sym(u: torch.Tensor, output: str) -> torch.Tensor:
     return out
 
 
-def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
-    """sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq) in row chunks of x1 whose temporaries hold at most ~GRAD_CHUNK
-    numbers; with ``same`` (x2 is x1) only the columns from the chunk's first row on, mirrored.
+def _positions_term(a1, g1, a2, g2, output: str, same: bool, chunk: int = GRAD_CHUNK) -> torch.Tensor:
+    """sum_{p,q} (a1_p . a2_q) (g1_ap . g2_bq) in row chunks of x1 whose temporaries hold at most ~``chunk``
+    numbers (at least one row); with ``same`` (x2 is x1) only the columns from the chunk's first row on, mirrored.
 
     "trace"/"diagonal": two matrix products with long inner dimensions, the patch products (n1 L1 x n2 L2,
     inner d) and the cotangent products summed over the output units (inner k c) or per unit (inner c),
@@ -561,10 +583,12 @@ def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
         per_row = n2 * L1 * (L2 + 2 * k2 * c)
     else:
         per_row = n2 * L1 * L2 * (2 if output == "trace" else k1 + 1)
-    rows = max(1, GRAD_CHUNK // max(1, per_row))
+    rows = max(1, chunk // max(1, per_row))
     if same and n1 > SYM_MIN_ROWS:
         rows = min(rows, max(SYM_MIN_ROWS, -(-n1 // 6)))
-    if output == "trace":
+    if output == "full":  # x2's cotangents as (n2, L2, c k2): the right-hand side of the batched products
+        g2q = g2.permute(0, 2, 3, 1).reshape(n2, L2, c * k2)
+    elif output == "trace":
         h1 = g1.permute(0, 2, 1, 3).reshape(n1 * L1, k1 * c)
         h2 = h1 if same else g2.permute(0, 2, 1, 3).reshape(n2 * L2, k2 * c)
     elif output == "diagonal":
@@ -576,10 +600,16 @@ def _positions_term(a1, g1, a2, g2, output: str, same: bool) -> torch.Tensor:
         j0 = i0 if same else 0
         r, m = i1 - i0, n2 - j0
         if output == "full":
-            aa = torch.einsum("ipd,jqd->ijpq", a1[i0:i1], a2[j0:])
-            t = torch.einsum("ijpq,jbqc->ijpbc", aa, g2[j0:])
+            # aa (r L1, m L2) as a batch over x2's samples j of (r L1, L2) matrices, times g2 (L2, c k) per j:
+            # t[j, (i p), (c b)]; then per row i one batched product g1[i] (k, L1 c) @ t[j, i] (L1 c, k)
+            aa = (a1[i0:i1].reshape(r * L1, d) @ a2[j0:].reshape(m * L2, d).T).view(r * L1, m, L2)
+            t = torch.bmm(aa.transpose(0, 1), g2q[j0:])  # (m, r L1, c k2)
             del aa
-            part = torch.einsum("iapc,ijpbc->ijab", g1[i0:i1], t)
+            t = t.view(m, r, L1 * c, k2)
+            part = torch.empty((r, m, k1, k2), dtype=g1.dtype, device=g1.device)
+            for i in range(r):
+                lhs = g1[i0 + i].reshape(k1, L1 * c)
+                torch.bmm(lhs.expand(m, k1, L1 * c), t[:, i], out=part[i])
             del t
         else:
             aa = a1[i0:i1].reshape(r * L1, d) @ a2[j0:].reshape(m * L2, d).T  # (r L1, m L2)
@@ -609,15 +639,67 @@ def layer_jacobian(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(gt, a).reshape(n, k, c * a.shape[2])
 
 
-def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict | None = None) -> torch.Tensor:
+def jacobian_chunks(n1: int, k1: int, L1: int, n2: int, k2: int, L2: int, d: int, c: int, same: bool,
+                    chunk: int) -> tuple[int, int]:
+    """(output channels, input features) of the per-layer Jacobian rows formed at a time: the rows of a
+    (channels x features) slice of the weight, for all samples and outputs of both sides at once, with the
+    cotangent copy they are formed from, hold at most ``chunk`` numbers -- or one channel and one feature."""
+    side1 = n1 * k1
+    side2 = 0 if same else n2 * k2
+    per_channel = side1 * (d + L1) + side2 * (d + L2)  # Jacobian rows (d) + the transposed cotangents (L)
+    if per_channel <= chunk:
+        return max(1, min(c, chunk // max(1, per_channel))), d
+    feats = (chunk - side1 * L1 - side2 * L2) // max(1, side1 + side2)
+    return 1, max(1, min(d, feats))
+
+
+def jacobian_numbers(n1, k1, L1, n2, k2, L2, d, c, same, chunk) -> int:
+    """Numbers the per-layer Jacobian route holds at a time (for the memory model): :func:`jacobian_chunks`."""
+    cc, dd = jacobian_chunks(n1, k1, L1, n2, k2, L2, d, c, same, chunk)
+    return n1 * k1 * cc * (dd + L1) + (0 if same else n2 * k2 * cc * (dd + L2))
+
+
+def _jacobian_term(a1, g1, a2, g2, output: str, same: bool, chunk: int) -> torch.Tensor:
+    """sum over the weight's entries of J1 J2^T with J the per-layer Jacobian rows (:func:`layer_jacobian`),
+    accumulated over slices of the weight (output channels, then input features when one channel is too
+    large): every row is formed once and each slice's Gram matrix is one product over all samples of the block
+    -- the contraction is a sum over the weight's entries, so slicing them needs no recomputation."""
+    n1, k1, L1, c = g1.shape
+    n2, k2, L2, _ = g2.shape
+    d = a1.shape[2]
+    cc, dd = jacobian_chunks(n1, k1, L1, n2, k2, L2, d, c, same, chunk)
+    out = None
+    for c0 in range(0, c, cc):
+        h1 = g1[..., c0:c0 + cc]
+        h2 = h1 if same else g2[..., c0:c0 + cc]
+        for d0 in range(0, d, dd):
+            m1 = layer_jacobian(a1 if dd == d else a1[..., d0:d0 + dd], h1)
+            if same:
+                part = contract_sym(m1, output)
+            else:
+                m2 = layer_jacobian(a2 if dd == d else a2[..., d0:d0 + dd], h2)
+                part = contract(m1, m2, output)
+                del m2
+            del m1
+            if out is None:
+                out = part
+            else:
+                out.add_(part)
+                del part
+    return out
+
+
+def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict | None = None,
+              chunk: int = GRAD_CHUNK) -> torch.Tensor:
     """Contribution of one (use in x1, use in x2) pair of a weight or bias, unscaled.
 
     Dense calls on one position (a Linear on flat input): (a1 a2^T) (.) (g1 g2^T), and g1 g2^T alone for the
     bias -- the product g1 g2^T is computed once per call pair and shared by weight and bias. Weights shared
     over positions p (convolutions, Linear over a sequence): the cheaper of two routes by :func:`dense_cost`,
     chosen per call pair (``routes[key]`` records it): the position-pair contraction or the per-layer
-    Jacobian (per-sample weight gradients). Embeddings: token matches; norms: their per-sample gradients.
-    With ``f2 is f1`` (a diagonal block of x2=None) only half of each symmetric Gram matrix is computed."""
+    Jacobian (per-sample weight gradients), each holding at most ~``chunk`` numbers of temporaries at a time.
+    Embeddings: token matches; norms: their per-sample gradients. With ``f2 is f1`` (a diagonal block of
+    x2=None) only half of each symmetric Gram matrix is computed."""
     kind = f1[0]
     same = f2 is f1
     if kind == "grad":
@@ -646,30 +728,5 @@ def pair_term(f1, f2, weight: bool, output: str, cache: dict, key, routes: dict 
     if routes is not None:
         routes[key] = route
     if route == "positions":
-        return _positions_term(a1, g1, a2, g2, output, same)
-    # per-layer Jacobian: per-sample weight gradients (n, k, d c), then their inner products -- in row chunks
-    # of at most GRAD_CHUNK numbers per side
-    rows = max(1, GRAD_CHUNK // max(1, k * d * c))
-    if n1 <= rows and n2 <= rows:
-        if ("m1", key[0]) not in cache:
-            cache["m1", key[0]] = layer_jacobian(a1, g1)
-        m1 = cache["m1", key[0]]
-        if same:
-            return contract_sym(m1, output)
-        m2 = layer_jacobian(a2, g2)
-        return contract(m1, m2, output)
-    out = None
-    for i0 in range(0, n1, rows):
-        m1 = layer_jacobian(a1[i0:i0 + rows], g1[i0:i0 + rows])
-        for j0 in range(i0 if same else 0, n2, rows):
-            m2 = m1 if same and j0 == i0 else layer_jacobian(a2[j0:j0 + rows], g2[j0:j0 + rows])
-            part = contract_sym(m1, output) if m2 is m1 else contract(m1, m2, output)
-            if out is None:
-                out = torch.empty((n1, n2) + part.shape[2:], dtype=part.dtype, device=part.device)
-            out[i0:i0 + rows, j0:j0 + rows] = part
-            if same and j0 != i0:
-                out[j0:j0 + rows, i0:i0 + rows] = (part.transpose(0, 1).transpose(2, 3) if output == "full"
-                                                   else part.transpose(0, 1))
-            del m2, part
-        del m1
-    return out
+        return _positions_term(a1, g1, a2, g2, output, same, chunk)
+    return _jacobian_term(a1, g1, a2, g2, output, same, chunk)

@@ -401,13 +401,11 @@ def test_peak_memory_estimate_is_truthful(kind, budget):
 
 
 def test_per_sample_gradient_chunks_and_many_outputs(monkeypatch):
-    """Per-sample weight gradients formed in row chunks (forced tiny) give the same kernel; k = 30 outputs
-    blocked over outputs under a budget equal the unblocked result."""
-    from ntkit.empirical import _rules
-
+    """Per-layer Jacobian rows formed in slices of the weight (chunk forced tiny) give the same kernel; k = 30
+    outputs blocked over outputs under a budget equal the unblocked result."""
     model, x, _ = ZOO["transformer_batch_first"]
     ref = empirical_ntk(model, x, output="full", implementation="structured")
-    monkeypatch.setattr(_rules, "GRAD_CHUNK", 64)
+    monkeypatch.setattr(_ntk, "_GRAD_CHUNK", 64)
     got = empirical_ntk(model, x, output="full", implementation="structured", batch_size=3)
     assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
     monkeypatch.undo()

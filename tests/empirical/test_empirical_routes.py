@@ -66,11 +66,12 @@ def _case(name):
 def test_each_route_matches_brute_force(monkeypatch, route, name):
     """Every weight-sharing layer forced onto one route: the kernel equals brute-force autograd (float64) for
     every output form, x2 = None (symmetric blocks) and x2 given, one block and blocks smaller than n, and row
-    chunks of the position route / per-sample gradients far smaller than a block (GRAD_CHUNK tiny)."""
+    chunks of the position route / per-layer Jacobian slices far smaller than a block (the chunk forced tiny:
+    one channel and a few input features at a time, or a few channels)."""
     model, x1, x2, ref11, ref12 = _case(name)
     monkeypatch.setattr(_rules, "dense_route", lambda *a, **kw: route)
-    for grad_chunk in (_rules.GRAD_CHUNK, 50):
-        monkeypatch.setattr(_rules, "GRAD_CHUNK", grad_chunk)
+    for grad_chunk in (None, 50, 4000):
+        monkeypatch.setattr(_ntk, "_GRAD_CHUNK", grad_chunk)
         for output in OUTPUTS:
             for bs in (None, 3):
                 with route_log() as log:
@@ -158,4 +159,74 @@ def test_passes_in_sub_batches(monkeypatch, name):
             assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), (output, bs)
         got = empirical_ntk(model, x1, x2, output=output, implementation="structured", batch_size=3)
         want = _reduce(ref12, output)
+        assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), output
+
+
+def test_route_chunk_is_sized_from_the_budget(monkeypatch):
+    """The weight-sharing routes' chunk comes from the memory budget: the blocks are planned with the default
+    chunk (made tiny here), then the chunk grows as far as the budget allows -- up to what the routes can use
+    under a large budget, to the largest doubling whose estimate fits under a smaller one -- and the kernel is the
+    brute-force one whatever the chunk."""
+    model, x1, _, ref11, _ = _case("routes")
+    monkeypatch.setattr(_ntk, "GRAD_CHUNK", 64)
+    monkeypatch.setattr(_ntk, "MIN_CHUNK", 8)
+    seen, calls = [], []
+    orig, orig_est = _ntk.pair_term, _ntk.peak_memory_estimate
+
+    def spy(*args, **kw):
+        seen.append(args[7] if len(args) > 7 else kw.get("chunk"))
+        return orig(*args, **kw)
+
+    def spy_est(*args, **kw):
+        calls.append((args, kw))
+        return orig_est(*args, **kw)
+
+    monkeypatch.setattr(_ntk, "pair_term", spy)
+    monkeypatch.setattr(_ntk, "peak_memory_estimate", spy_est)
+
+    def run(budget):
+        seen.clear()
+        calls.clear()
+        got = empirical_ntk(model, x1, output="full", implementation="structured", memory_budget=budget)
+        assert float((got - ref11).abs().max()) <= 1e-10 * float(ref11.abs().max()), budget
+        assert len(set(seen)) == 1
+        args, kw = calls[-1]  # the final block's estimate, at the chosen chunk
+        assert kw["chunk"] == seen[0]
+        return seen[0], args, kw, got.numel() * got.element_size()
+
+    big, args, kw, result = run(1e10)
+    assert big > 64
+    at = {ch: orig_est(*args, **{**kw, "chunk": ch}) for ch in (big // 4, big // 2, big, 2 * big)}
+    assert at[2 * big] == at[big] > at[big // 2]  # grown exactly until the routes could use no more
+    budget = result + at[big // 4] + 1  # room for a quarter of it
+    small, args, kw, result = run(budget)
+    assert big // 4 <= small < big
+    assert orig_est(*args, **kw) + result <= budget < orig_est(*args, **{**kw, "chunk": 2 * small}) + result
+
+
+def test_outputs_that_reach_only_some_layers():
+    """Each of the k + 1 backward passes reaches only the layers its output depends on (two heads on separate
+    branches, a layer no output uses): the missing cotangents are zeros and the kernel is the brute-force one."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(5, 3), nn.Linear(5, 2), nn.Linear(5, 2)
+
+        def forward(self, x):
+            self.unused(x).detach()
+            return torch.cat([torch.tanh(self.a(x)), self.b(x).sin()], dim=1)
+
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = [nm for nm, _ in model.named_parameters() if not nm.startswith("unused")]
+    ref = brute_force_ntk(model, x, x)
+    for output in OUTPUTS:
+        _ntk._METHOD_LOG = log = []
+        try:
+            got = empirical_ntk(model, x, output=output, implementation="structured", params=params)
+        finally:
+            _ntk._METHOD_LOG = None
+        assert log and all(v.startswith("structured") for block in log for v in block.values()), log
+        want = _reduce(ref, output)
         assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), output
