@@ -124,8 +124,9 @@ def _compiled_fn(name, fn):
         def f(*args):
             # Python floats (polynomial coefficients, slopes) as compile-time constants: otherwise
             # dynamo turns each into a 0-d tensor input, and inductor splits the expression into several loops
-            # over memory
-            with torch._dynamo.config.patch(specialize_float=True):
+            # over memory. All keys share one code object, whose graphs (dtypes, layouts, ranks, activation
+            # slopes) count against one recompile limit: allow more than dynamo's default 8.
+            with torch._dynamo.config.patch(specialize_float=True, recompile_limit=64):
                 return compiled(*args)
 
         _compiled[name] = f
