@@ -73,8 +73,10 @@ class KernelState:
         with themselves listed once each, i <= j, as index vectors ``r1 = i``, ``r2 = j`` into the tile, with
         the b self pairs (i, i) first. The pair (j, i) is never computed: its kernels are those of (i, j)
         (its position-pair covariances are the transpose). ``var1``/``var2`` are then gathered from the
-        first b entries of ``nngp`` (for pixel pairs they *are* those b self-kernels, ``(b, *spatial)``,
-        and :meth:`marginals` gathers their diagonals, which is all a pointwise layer needs).
+        first b entries of ``nngp``; for spatial states they *are* those b self-kernels, ``(b, *spatial)``,
+        and :meth:`marginals` gathers them (their diagonals, for pixel pairs) per pair only when a layer
+        asks -- the fused activation gathers inside its loop (:meth:`marginal_parts`), so no per-layer
+        copies of pair-sized variance tensors are made.
     """
 
     nngp: torch.Tensor
@@ -102,7 +104,7 @@ class KernelState:
         """
         if self.tied:
             new = self.replace(nngp=nngp, ntk=ntk, **changes)
-            return new.replace(**_tied_vars(nngp, self.batch_ndim == 1, new.pairs, new.pixel_pairs))
+            return new.replace(**_tied_vars(nngp, self.batch_ndim == 1, new.pairs, new.pixel_pairs or bool(new.shape)))
         v1 = self_fn(self.var1)
         v2 = v1 if self.var2 is self.var1 else self_fn(self.var2)
         return self.replace(nngp=nngp, ntk=ntk, var1=v1, var2=v2, **changes)
@@ -129,6 +131,9 @@ class KernelState:
         These are what a pointwise layer (activation, layer normalisation) needs: for pixel pairs the
         diagonals of ``var1`` on the p axes and of ``var2`` on the p' axes, otherwise ``var1``, ``var2``.
         """
+        if self.pairs is not None and self.shape and not self.pixel_pairs:  # gathered per pair on demand
+            r1, r2, _ = self.pairs
+            return self.var1[r1], self.var2[r2]
         if not self.pixel_pairs:
             return self.var1, self.var2
         if self.pairs is not None:  # var1 = var2 = the b self-kernels; gather their diagonals per pair
@@ -186,11 +191,11 @@ def scratch(shape, like: torch.Tensor) -> torch.Tensor:
     return empty_output(tuple(shape), like.dtype, like.device, min_bytes=_SCRATCH_MIN_BYTES)
 
 
-def _tied_vars(nngp: torch.Tensor, pairwise: bool, pairs=None, pixel_pairs=False) -> dict:
+def _tied_vars(nngp: torch.Tensor, pairwise: bool, pairs=None, lazy=False) -> dict:
     if pairs is not None:
         r1, r2, b = pairs
         own = nngp[:b]  # the self pairs (i, i) come first
-        if pixel_pairs:  # gathered lazily (diagonals only) by KernelState.marginals
+        if lazy:  # spatial states: gathered per pair only where needed (KernelState.marginals)
             return {"var1": own, "var2": own}
         return {"var1": own[r1], "var2": own[r2]}
     if pairwise:
@@ -234,7 +239,7 @@ def input_state(a: torch.Tensor, b: torch.Tensor | None, *, pairwise: bool, pixe
         st = KernelState(nngp=nngp, ntk=0.0 if need_ntk else None, var1=nngp, var2=nngp, width=width,
                          gaussian=False, shape=tuple(a.shape[1:-1]), pixel_pairs=pixel_pairs and nd > 0, tied=True,
                          pairs=pairs)
-        return st.replace(**_tied_vars(nngp, True, pairs, st.pixel_pairs))
+        return st.replace(**_tied_vars(nngp, True, pairs, bool(st.shape)))
     same = b is None
     b = a if same else b
     nd = a.ndim - 2

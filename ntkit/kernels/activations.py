@@ -106,7 +106,7 @@ class Activation(Layer):
         fused = None
         if getattr(ctx, "fused", False):
             q1, i1, q2, i2 = k.marginal_parts()
-            fused = self._fused_dual(k.nngp, k.ntk, q1, q2, i1, i2)
+            fused = _merged_spatial(self, k, k.nngp, k.ntk, q1, q2, i1, i2)
         if fused is not None:
             nngp, ntk = fused
         else:
@@ -121,7 +121,7 @@ class Activation(Layer):
         if k.pixel_pairs:  # each sample's own position-pair covariance goes through the same dual
             def self_fn(v):
                 a, b = k.self_marginals(v)
-                f = self._fused_dual(v, None, a, b) if getattr(ctx, "fused", False) else None
+                f = _merged_spatial(self, k, v, None, a, b) if getattr(ctx, "fused", False) else None
                 return f[0] if f is not None else self.dual(v, a, b, derivative=False)[0]
         else:
             self_fn = self.variance
@@ -138,6 +138,31 @@ class Activation(Layer):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+def _merged_spatial(act: Activation, k: KernelState, cov, ntk, q1, q2, i1=None, i2=None):
+    """``act._fused_dual`` on views with the spatial axes merged -- (..., H W, H' W') for pixel pairs,
+    (..., H W) for the same-position diagonal -- so that the compiled loop runs along whole images
+    (rows of H W numbers) instead of rows of W, whose short tails a vectorised loop handles one number at a
+    time. Returns the results in the state's layout, or None (no fused dual)."""
+    nd = len(k.shape)
+    if nd < 2:
+        return act._fused_dual(cov, ntk, q1, q2, i1, i2)
+    lead = cov.ndim - (2 * nd if k.pixel_pairs else nd)
+
+    def merged(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        head = list(t.shape[:t.ndim - (cov.ndim - lead)])
+        if not k.pixel_pairs:
+            return t.reshape(*head, -1)
+        p, q = math.prod(t.shape[-2 * nd:-nd]), math.prod(t.shape[-nd:])
+        return t.reshape(*head, p, q)
+
+    out = act._fused_dual(merged(cov), merged(ntk), merged(q1), merged(q2), i1, i2)
+    if out is None:
+        return None
+    return tuple(o.reshape(cov.shape) if isinstance(o, torch.Tensor) else o for o in out)
 
 
 class _ActivationModule(torch.nn.Module):

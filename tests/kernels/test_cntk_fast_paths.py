@@ -125,6 +125,42 @@ def test_fused_expression_equals_the_eager_dual(ab):
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_polynomial_arccos_equals_torch_acos(dtype):
+    # the arccos of the compiled dual (additions, products, one square root): against torch.acos on a dense
+    # grid of [-1, 1], around the branch points +-1/2, and exactly at the ends (snapped correlations)
+    x = torch.cat([torch.linspace(-1, 1, 200_001, dtype=F64),
+                   0.5 + torch.linspace(-1e-6, 1e-6, 2001, dtype=F64),
+                   -0.5 + torch.linspace(-1e-6, 1e-6, 2001, dtype=F64),
+                   1 - torch.logspace(-16, -1, 500, dtype=F64), -1 + torch.logspace(-16, -1, 500, dtype=F64)]).to(dtype)
+    tol = 4 * torch.finfo(dtype).eps  # two units in the last place of values up to pi
+    got = _fused.acos_poly(x)
+    assert float((got - torch.acos(x)).abs().max()) <= tol
+    ends = _fused.acos_poly(torch.tensor([1.0, -1.0, 0.0], dtype=dtype))
+    assert float(ends[0]) == 0.0 and float(ends[1]) == float(torch.tensor(math.pi, dtype=dtype))
+    assert abs(float(ends[2]) - math.pi / 2) <= tol
+
+
+@pytest.mark.parametrize("ab", [(0.0, 1.0), (-1.0, 1.0), (0.2, 0.9)])
+def test_dual_with_polynomial_arccos_equals_the_eager_dual(ab):
+    # the expression that is compiled (arccos by acos_poly), run eagerly here
+    g = torch.Generator().manual_seed(1)
+    act = ntkit.ABRelu(*ab)
+    a, b = ab
+    k = (a - b) ** 2 / (2 * math.pi)
+    v1 = torch.rand(6, 1, 4, generator=g, dtype=F64) + 0.1
+    v2 = torch.rand(1, 5, 4, generator=g, dtype=F64) + 0.1
+    rho = torch.rand(6, 5, 4, generator=g, dtype=F64) * 2 - 1
+    rho[0, 0], rho[1, 1], rho[2, 2] = 1.0, -1.0, 1.0 - 1e-9  # snapped and nearly parallel
+    cov = rho * (v1 * v2).sqrt()
+    theta = torch.randn(6, 5, 4, generator=g, dtype=F64)
+    want, dot = act.dual(cov, v1, v2)
+    got, gt = _fused.abrelu_dual_math(cov, theta, *_factors(v1, v2, k), (a * a + b * b) / 2, k,
+                                      acos=_fused.acos_poly)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(gt, theta * dot, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["gap-relu", "flatten-relu", "flatten-abrelu-layernorm", "residual-gap",
                                   "gap-dense-relu-dense"])
 def test_fused_path_equals_eager_without_compiler(name, images, monkeypatch):
@@ -162,18 +198,22 @@ def test_auto_fuse_only_for_large_spatial_work():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["gap-relu", "flatten-relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_fused_dual_equals_eager(images, dtype, monkeypatch):
-    # compiles (seconds to minutes on a cold machine); skipped where torch.compile cannot run
+def test_compiled_fused_dual_equals_eager(images, dtype, name, monkeypatch):
+    # compiles (seconds to minutes on a cold machine); skipped where torch.compile cannot run. Symmetric tiles
+    # (pairs i <= j, pixel pairs or the diagonal layout) and a cross kernel (self-kernels through the dual)
     monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
-    arch = ARCHS["gap-relu"]()
+    arch = ARCHS[name]()
     x = images.to(dtype)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        b = arch.kernel(x, dtype=dtype, fused=True)
-    if any("using eager torch" in str(w.message) for w in caught):
-        pytest.skip("torch.compile is not available on this machine")
-    a = arch.kernel(x, dtype=dtype, fused=False)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    for u, v in zip(a, b):
-        torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+    for x2 in (None, x[:4] * 0.7):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            b = arch.kernel(x, x2, dtype=dtype, fused=True)
+        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
+        if failed:
+            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
+        a = arch.kernel(x, x2, dtype=dtype, fused=False)
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        for u, v in zip(a, b):
+            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
