@@ -99,21 +99,29 @@ def _factors(var1, var2, k):
     return (1 + 4 * eps) / s1, 1 / s2, s1 * k, s2
 
 
-@pytest.mark.parametrize("ab", [(0.0, 1.0), (-1.0, 1.0), (0.2, 0.9)])
-def test_fused_expression_equals_the_eager_dual(ab):
-    g = torch.Generator().manual_seed(0)
-    act = ntkit.ABRelu(*ab)
+def _random_pair_states(ab, seed):
+    g = torch.Generator().manual_seed(seed)
     a, b = ab
     k = (a - b) ** 2 / (2 * math.pi)
     v1 = torch.rand(6, 1, 4, generator=g, dtype=F64) + 0.1
     v2 = torch.rand(1, 5, 4, generator=g, dtype=F64) + 0.1
     rho = torch.rand(6, 5, 4, generator=g, dtype=F64) * 2 - 1
-    rho[0, 0] = 1.0  # snapped correlations
-    rho[1, 1] = -1.0
+    rho[0, 0], rho[1, 1], rho[2, 2] = 1.0, -1.0, 1.0 - 1e-9  # snapped and nearly parallel correlations
     cov = rho * (v1 * v2).sqrt()
     theta = torch.randn(6, 5, 4, generator=g, dtype=F64)
+    return g, k, v1, v2, cov, theta
+
+
+@pytest.mark.parametrize("acos", ["torch", "polynomial"])
+@pytest.mark.parametrize("ab", [(0.0, 1.0), (-1.0, 1.0), (0.2, 0.9)])
+def test_fused_expression_equals_the_eager_dual(ab, acos):
+    # the expression that is compiled, run eagerly here, with torch.acos and with the compiled path's acos_poly
+    acos = torch.acos if acos == "torch" else _fused.acos_poly
+    act = ntkit.ABRelu(*ab)
+    a, b = ab
+    g, k, v1, v2, cov, theta = _random_pair_states(ab, seed=0)
     want, dot = act.dual(cov, v1, v2)
-    got, gt = _fused.abrelu_dual_math(cov, theta, *_factors(v1, v2, k), (a * a + b * b) / 2, k)
+    got, gt = _fused.abrelu_dual_math(cov, theta, *_factors(v1, v2, k), (a * a + b * b) / 2, k, acos=acos)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(gt, theta * dot, rtol=1e-13, atol=1e-15)
     # with index vectors: the factors of 3 inputs gathered per pair inside the expression
@@ -121,7 +129,7 @@ def test_fused_expression_equals_the_eager_dual(ab):
     i1, i2 = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 1, 2, 2, 2])
     c = torch.randn(5, 4, generator=g, dtype=F64) * 0.3
     want, _ = act.dual(c, q[i1], q[i2])
-    got, _ = _fused.abrelu_dual_math(c, None, *_factors(q, q, k), (a * a + b * b) / 2, k, i1, i2)
+    got, _ = _fused.abrelu_dual_math(c, None, *_factors(q, q, k), (a * a + b * b) / 2, k, i1, i2, acos=acos)
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
 
 
@@ -139,26 +147,6 @@ def test_polynomial_arccos_equals_torch_acos(dtype):
     ends = _fused.acos_poly(torch.tensor([1.0, -1.0, 0.0], dtype=dtype))
     assert float(ends[0]) == 0.0 and float(ends[1]) == float(torch.tensor(math.pi, dtype=dtype))
     assert abs(float(ends[2]) - math.pi / 2) <= tol
-
-
-@pytest.mark.parametrize("ab", [(0.0, 1.0), (-1.0, 1.0), (0.2, 0.9)])
-def test_dual_with_polynomial_arccos_equals_the_eager_dual(ab):
-    # the expression that is compiled (arccos by acos_poly), run eagerly here
-    g = torch.Generator().manual_seed(1)
-    act = ntkit.ABRelu(*ab)
-    a, b = ab
-    k = (a - b) ** 2 / (2 * math.pi)
-    v1 = torch.rand(6, 1, 4, generator=g, dtype=F64) + 0.1
-    v2 = torch.rand(1, 5, 4, generator=g, dtype=F64) + 0.1
-    rho = torch.rand(6, 5, 4, generator=g, dtype=F64) * 2 - 1
-    rho[0, 0], rho[1, 1], rho[2, 2] = 1.0, -1.0, 1.0 - 1e-9  # snapped and nearly parallel
-    cov = rho * (v1 * v2).sqrt()
-    theta = torch.randn(6, 5, 4, generator=g, dtype=F64)
-    want, dot = act.dual(cov, v1, v2)
-    got, gt = _fused.abrelu_dual_math(cov, theta, *_factors(v1, v2, k), (a * a + b * b) / 2, k,
-                                      acos=_fused.acos_poly)
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(gt, theta * dot, rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["gap-relu", "flatten-relu", "flatten-abrelu-layernorm", "residual-gap",
