@@ -89,3 +89,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def local_cluster_spy(monkeypatch):
+    """Record every ``distributed.LocalCluster`` the code under test starts, as (kwargs, scheduler address,
+    number of workers); the clusters themselves are real."""
+    distributed = pytest.importorskip("distributed")
+    started = []
+    real = distributed.LocalCluster
+
+    def spy(**kw):
+        cluster = real(**kw)
+        started.append((kw, cluster.scheduler_address, len(cluster.workers)))
+        return cluster
+
+    monkeypatch.setattr(distributed, "LocalCluster", spy)
+    return started

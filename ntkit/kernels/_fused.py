@@ -146,5 +146,3 @@ def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None
                           f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
                           RuntimeWarning, stacklevel=2)
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
-
-

@@ -104,7 +104,7 @@ class KernelState:
         """
         if self.tied:
             new = self.replace(nngp=nngp, ntk=ntk, **changes)
-            return new.replace(**_tied_vars(nngp, self.batch_ndim == 1, new.pairs, new.pixel_pairs or bool(new.shape)))
+            return new.replace(**_tied_vars(nngp, self.batch_ndim == 1, new.pairs, bool(new.shape)))
         v1 = self_fn(self.var1)
         v2 = v1 if self.var2 is self.var1 else self_fn(self.var2)
         return self.replace(nngp=nngp, ntk=ntk, var1=v1, var2=v2, **changes)

@@ -21,16 +21,8 @@ def x():
     return np.random.default_rng(5).standard_normal((2300, 16))
 
 
-def test_local_cluster_gives_the_in_process_features(x, monkeypatch, single_thread):
-    started = []
-    real = distributed.LocalCluster
-
-    def spy(**kw):
-        cluster = real(**kw)
-        started.append((kw, cluster.scheduler_address, len(cluster.workers)))
-        return cluster
-
-    monkeypatch.setattr(distributed, "LocalCluster", spy)
+def test_local_cluster_gives_the_in_process_features(x, local_cluster_spy, single_thread):
+    started = local_cluster_spy
     fm = NTKRandomFeatures(ARCH, 300, random_state=1, dtype=torch.float32, batch_size=500, progress=False).fit(x)
     ref = fm.transform(x)
     got = fm.transform(x, scheduler="local")  # 5 tasks of 500 rows

@@ -30,16 +30,8 @@ def x():
     return torch.randn(300, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
 
 
-def test_local_cluster_gives_the_in_process_result(tmp_path, x, monkeypatch):
-    started = []
-    real = distributed.LocalCluster
-
-    def spy(**kw):
-        cluster = real(**kw)
-        started.append((kw, cluster.scheduler_address, len(cluster.workers)))
-        return cluster
-
-    monkeypatch.setattr(distributed, "LocalCluster", spy)
+def test_local_cluster_gives_the_in_process_result(tmp_path, x, local_cluster_spy):
+    started = local_cluster_spy
     ref = store_kernel(NTK, x, path=tmp_path / "ref", tile_size=64, dtype=torch.float32)  # 5 x 5 grid, 15 tiles
     got = store_kernel(NTK, x, path=tmp_path / "dask", tile_size=64, dtype=torch.float32, scheduler="local")
     assert np.array_equal(_bits(got), _bits(ref)) and got.attrs["ntkit"]["complete"] is True
