@@ -8,11 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._linalg import symmetric_eigh
+from .._progress import progress as _progress
 from .._validation import as_float_tensor, available_memory_bytes, check_memory, resolve_dtype
 from ..kernels import Architecture
 from ..kernels.base import KernelFunction
 
-__all__ = ["as_kernel", "as_targets", "as_inputs", "regularization", "row_block", "blockwise_matmul", "kernel_blocks"]
+__all__ = ["as_kernel", "as_targets", "as_inputs", "regularization", "row_block", "blockwise_matmul", "kernel_blocks", "pcg"]
 
 # Number of (rows x cols) float buffers alive while an architecture kernel evaluates one block.
 _LIVE = 14
@@ -81,3 +83,55 @@ def blockwise_matmul(kernel: KernelFunction, x1: torch.Tensor, x2: torch.Tensor,
         out[i:i + blk.shape[0]] = blk @ v
     return out
 
+
+def _psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^{-1} b for a symmetric PSD ``a``: Cholesky, or the pseudo-inverse by eigendecomposition when
+    ``a`` is singular (zero modes dropped, as the dynamics' t = inf limit does)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        x = torch.cholesky_solve(b, chol)
+        if bool(torch.isfinite(x).all()):
+            return x
+    w, v = symmetric_eigh(a)
+    w, v = w.to(a.device), v.to(a.device)
+    tol = max(float(w.abs().max()), 1e-300) * a.shape[0] * torch.finfo(a.dtype).eps
+    inv = torch.where(w > tol, 1.0 / torch.where(w > tol, w, torch.ones_like(w)), torch.zeros_like(w))
+    return v @ (inv[:, None] * (v.T @ b))
+
+
+def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, progress=True, desc="CG"):
+    """Preconditioned conjugate gradients for a symmetric PSD operator, one column of ``b`` per system
+    (Hestenes & Stiefel 1952; Saad 2003, Alg. 9.1). Stops when every ||r_j|| <= tol ||b_j||.
+
+    Returns (x, iterations, relative residual history)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    bnorm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    rz = (r * z).sum(0)
+    hist = [1.0]
+    it = 0
+    with _progress(total=max_iter, desc=desc, unit="it", enabled=progress) as bar:
+        for it in range(1, max_iter + 1):
+            res = r.norm(dim=0) / bnorm
+            active = res > tol
+            if not bool(active.any()):
+                it -= 1
+                break
+            ap = matvec(p)
+            pap = (p * ap).sum(0)
+            ok = active & (pap > 0)
+            alpha = torch.where(ok, rz / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+            x.add_(p * alpha)
+            r.sub_(ap * alpha)
+            hist.append(float((r.norm(dim=0) / bnorm).max()))
+            bar.update(1)
+            if hist[-1] <= tol:
+                break
+            z = precond(r) if precond is not None else r
+            rz_new = (r * z).sum(0)
+            beta = torch.where(ok, rz_new / torch.where(ok, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+            p = z + p * beta
+            rz = rz_new
+    return x, it, hist

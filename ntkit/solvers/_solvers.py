@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._linalg import symmetric_eigh
-from .._progress import progress as _progress
 from .._validation import ConfigError, available_memory_bytes, check_memory
 from ..features import NTKRandomFeatures
 from ..features._base import FeatureMap, make_generator
 from ..features._plan import read_architecture
 from ..kernels.base import KernelFunction
-from ._common import as_inputs, as_kernel, as_targets, blockwise_matmul, kernel_blocks, regularization, row_block
+from ._feature_ridge import FEATURE_SOLVERS, FeatureRidgeInfo, feature_ridge
+from ._common import (_psd_solve, as_inputs, as_kernel, as_targets, blockwise_matmul, kernel_blocks, pcg,
+                      regularization, row_block)
 
 __all__ = ["SOLVERS", "KernelRidgeSolution", "FeatureRidgeSolution", "kernel_ridge", "choose_solver",
            "cholesky", "conjugate_gradient", "falkon", "feature_ridge", "default_centers"]
@@ -68,13 +68,21 @@ class KernelRidgeSolution:
 
 @dataclass
 class FeatureRidgeSolution:
-    """f(x) = phi(x) @ weights for a fitted feature map phi."""
+    """f(x) = phi(x) @ weights for a fitted feature map phi.
+
+    ``feature_solver`` is how the ridge system was solved ("direct" normal equations or matrix-free "cg"),
+    ``iterations`` and ``residuals`` its CG iterations and relative residual history, ``info`` the full
+    :class:`FeatureRidgeInfo` (final recomputed residual, preconditioner rank, times)."""
 
     feature_map: FeatureMap
     weights: torch.Tensor
     lam: float
     one_d: bool = False
     solver: str = "features"
+    feature_solver: str = "direct"
+    iterations: int = 0
+    residuals: list = field(default_factory=list)
+    info: FeatureRidgeInfo | None = None
 
     def predict(self, x: Any):
         out = torch.cat([f.to(self.weights.dtype) @ self.weights for _, f in self.feature_map.iter_transform(x)])
@@ -82,21 +90,6 @@ class FeatureRidgeSolution:
 
 
 # ------------------------------------------------------------------------------------------------
-def _psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^{-1} b for a symmetric PSD ``a``: Cholesky, or the pseudo-inverse by eigendecomposition when
-    ``a`` is singular (zero modes dropped, as the dynamics' t = inf limit does)."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        x = torch.cholesky_solve(b, chol)
-        if bool(torch.isfinite(x).all()):
-            return x
-    w, v = symmetric_eigh(a)
-    w, v = w.to(a.device), v.to(a.device)
-    tol = max(float(w.abs().max()), 1e-300) * a.shape[0] * torch.finfo(a.dtype).eps
-    inv = torch.where(w > tol, 1.0 / torch.where(w > tol, w, torch.ones_like(w)), torch.zeros_like(w))
-    return v @ (inv[:, None] * (v.T @ b))
-
-
 def _chol_jitter(a: torch.Tensor, upper: bool = False) -> torch.Tensor:
     """Cholesky factor of a + eps I with the smallest eps (from 1e-14 x mean diagonal up) that works."""
     scale = max(float(a.diagonal().mean()), 1e-300)
@@ -108,44 +101,6 @@ def _chol_jitter(a: torch.Tensor, upper: bool = False) -> torch.Tensor:
             return chol
         eps = scale * 10.0**k
     raise np.linalg.LinAlgError("kernel matrix of the centers is not positive definite even with jitter")
-
-
-def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, progress=True, desc="CG"):
-    """Preconditioned conjugate gradients for a symmetric PSD operator, one column of ``b`` per system
-    (Hestenes & Stiefel 1952; Saad 2003, Alg. 9.1). Stops when every ||r_j|| <= tol ||b_j||.
-
-    Returns (x, iterations, relative residual history)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    bnorm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
-    z = precond(r) if precond is not None else r
-    p = z.clone()
-    rz = (r * z).sum(0)
-    hist = [1.0]
-    it = 0
-    with _progress(total=max_iter, desc=desc, unit="it", enabled=progress) as bar:
-        for it in range(1, max_iter + 1):
-            res = r.norm(dim=0) / bnorm
-            active = res > tol
-            if not bool(active.any()):
-                it -= 1
-                break
-            ap = matvec(p)
-            pap = (p * ap).sum(0)
-            ok = active & (pap > 0)
-            alpha = torch.where(ok, rz / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-            x.add_(p * alpha)
-            r.sub_(ap * alpha)
-            hist.append(float((r.norm(dim=0) / bnorm).max()))
-            bar.update(1)
-            if hist[-1] <= tol:
-                break
-            z = precond(r) if precond is not None else r
-            rz_new = (r * z).sum(0)
-            beta = torch.where(ok, rz_new / torch.where(ok, rz, torch.ones_like(rz)), torch.zeros_like(rz))
-            p = z + p * beta
-            rz = rz_new
-    return x, it, hist
 
 
 def default_centers(n: int) -> int:
@@ -321,25 +276,6 @@ def falkon(kernel: KernelFunction, x: torch.Tensor, y: torch.Tensor, lam: float,
     return ctr, b_apply(beta), it, hist
 
 
-def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float) -> torch.Tensor:
-    """Ridge regression on features: w = (Phi^T Phi + lam I)^{-1} Phi^T Y (pseudo-inverse for lam = 0).
-
-    Phi^T Phi (m x m) and Phi^T Y are accumulated batch by batch from ``feature_map.iter_transform``, so
-    memory is O(m^2 + batch) and time O(n m^2): linear in n. With phi(x).phi(x') = k~(x, x') the
-    predictions phi(x)^T w equal those of kernel ridge regression with k~ (push-through identity).
-    """
-    a = None
-    b = None
-    for i, f in feature_map.iter_transform(x):
-        yb = y[i:i + f.shape[0]].to(device=f.device, dtype=f.dtype)
-        fa, fb = (f.T @ f).to(torch.float64), (f.T @ yb).to(torch.float64)
-        a = fa if a is None else a.add_(fa)
-        b = fb if b is None else b.add_(fb)
-    if lam:
-        a.diagonal().add_(lam)
-    return _psd_solve(a, b)
-
-
 # ------------------------------------------------------------------------------------------------
 def _features_for(kernel: KernelFunction):
     """(architecture, kernel name) when ``kernel`` is an architecture's NNGP/NTK that NTKRandomFeatures
@@ -376,7 +312,7 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
                  solver: str = "auto", get: str = "ntk", n_centers: int | None = None,
                  n_components: int | None = None, feature_map: FeatureMap | None = None, tol: float = 1e-8,
                  max_iter: int | None = None, random_state: Any = None, memory_budget: float | None = None,
-                 dtype: Any = None, device: Any = None, progress: bool = True):
+                 dtype: Any = None, device: Any = None, progress: bool = True, feature_solver: str = "auto"):
     """Kernel ridge regression (K + lambda I) alpha = Y with the solver that fits n.
 
     Parameters
@@ -394,9 +330,13 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
         Nystrom centers (FALKON) or preconditioner rank (CG); default min(n, max(100, 5 sqrt(n))).
     n_components : int, optional
         Features for "features" (default 4096).
-    tol, max_iter : CG stopping rule on the relative residual.
+    tol, max_iter : CG stopping rule on the relative residual (for "features" with float32 features the
+        tolerance is at least 1e-5, see :func:`feature_ridge`).
     random_state : seeds the centers and the features.
     memory_budget : bytes for kernel blocks and factors (default: half of the free memory).
+    feature_solver : {"auto", "direct", "cg"}
+        How "features" solves its ridge system (:func:`feature_ridge`): the m x m normal equations, or
+        matrix-free Nystrom-preconditioned CG; "auto" takes CG from m >= 8192 features when they fit in memory.
 
     Returns
     -------
@@ -425,8 +365,13 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
                                    random_state=random_state, dtype=xt.dtype, progress=progress)
         if not hasattr(fm, "n_features_in_"):
             fm.fit(xt)
-        w = feature_ridge(fm, xt, yt, lam)
-        return FeatureRidgeSolution(fm, w.to(xt.dtype), lam, one_d)
+        if feature_solver not in FEATURE_SOLVERS:
+            raise ValueError(f"feature_solver must be one of {FEATURE_SOLVERS}, got {feature_solver!r}")
+        w, info = feature_ridge(fm, xt, yt, lam, solver=feature_solver, tol=tol, max_iter=max_iter,
+                                random_state=0 if random_state is None else random_state,
+                                memory_budget=memory_budget, progress=progress, return_info=True)
+        return FeatureRidgeSolution(fm, w.to(xt.dtype), lam, one_d, feature_solver=info.solver,
+                                    iterations=info.iterations, residuals=info.history, info=info)
     if solver == "cholesky":
         coef = cholesky(kf, xt, yt, lam, memory_budget=memory_budget)
         return KernelRidgeSolution(kf, xt, coef, "cholesky", lam, one_d, memory_budget=memory_budget)
