@@ -204,6 +204,8 @@ class CNTKSketch(NTKRandomFeatures):
         self._params = None
         self._params_key = None
 
+    _reuse_bytes = 0  # keeps its own batch sizing (NTKRandomFeatures._batch_rows)
+
     def _convert(self, layer_params, dtype, device):
         if isinstance(layer_params, _SRHT):
             return layer_params.to(dtype, device)

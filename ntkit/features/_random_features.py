@@ -10,11 +10,13 @@ import torch
 from .._validation import ConfigError
 from ._base import FeatureMap
 from ._plan import DenseOp, read_architecture
-from ._sketch import TensorSRHT
+from ._sketch import TensorSRHT, fwht
 
 __all__ = ["NTKRandomFeatures"]
 
 SAMPLINGS = ("gaussian", "leverage")
+#: default batches keep their widest temporary below this many bytes (see NTKRandomFeatures._batch_rows)
+_REUSE_BYTES = 24 * 1024**2
 
 
 class NTKRandomFeatures(FeatureMap):
@@ -82,6 +84,8 @@ class NTKRandomFeatures(FeatureMap):
     >>> rf = NTKRandomFeatures(arch, 4096, random_state=0).fit(x)
     >>> phi = rf.transform(x)                 # (50, 4096); phi @ phi.T ~ arch.kernel(x, get="ntk")
     """
+
+    _reuse_bytes = _REUSE_BYTES
 
     def __init__(self, architecture: Any, n_components: int = 1024, *, kernel: str = "ntk",
                  random_state: Any = None, sampling: str = "gaussian", dtype: Any = None, device: Any = None,
@@ -177,7 +181,20 @@ class NTKRandomFeatures(FeatureMap):
         def conv(a):
             return None if a is None else a.to(dtype=dtype, device=device)
 
-        return conv(g1), conv(g0), conv(w0), None if sk is None else sk.to(dtype, device)
+        # g1 carries the 1 / sqrt(m1) of the arc-cosine features: phi(c z) = c phi(z) for c > 0 and the
+        # ReLU family, so the scaling costs no pass over the (rows, m1) activations
+        g1 = None if g1 is None else (g1 * (1.0 / math.sqrt(g1.shape[1]))).to(dtype=dtype, device=device)
+        return g1, conv(g0), conv(w0), None if sk is None else sk.to(dtype, device)
+
+    def _batch_rows(self, n: int, item: int, device: torch.device) -> int:
+        rows = super()._batch_rows(n, item, device)
+        if self.batch_size is None and self.memory_budget is None and self._reuse_bytes:
+            # glibc's malloc hands blocks above its mmap threshold (dynamic, at most 32 MiB) back to the kernel
+            # on free, and every batch then pays first-touch page faults on fresh temporaries (about half the
+            # transform time, benchmarks/RESULTS.md); batches whose widest temporary stays below it reuse memory
+            widest = max(self._max_dim, self.n_components_) * item
+            rows = min(rows, max(64, int(self._reuse_bytes // widest)))
+        return rows
 
     def _row_bytes(self) -> int:
         return 4 * self._max_dim + 2 * self.n_components_
@@ -190,8 +207,8 @@ class NTKRandomFeatures(FeatureMap):
             s = torch.cat([s, s.new_full((*s.shape[:-1], 1), op.b_std)], dim=-1)
         if self.kernel == "ntk":
             if op.trainable:
-                t = s if t is None else torch.cat([s, t * op.W_std], dim=-1)
-            elif t is not None:
+                t = s if t is None else torch.cat([s, t * op.W_std if op.W_std != 1.0 else t], dim=-1)
+            elif t is not None and op.W_std != 1.0:
                 t = t * op.W_std
         return s, t
 
@@ -200,18 +217,36 @@ class NTKRandomFeatures(FeatureMap):
         derivative kernel), the latter tensored with phi_t by TensorSRHT (class docstring)."""
         g1, g0, w0, sk = prm
         if self.kernel == "ntk" and t is not None:
-            z0 = s @ g0
-            dot = torch.where(z0 > 0, op.b, op.a).to(z0.dtype) if op.a != 0 else (z0 > 0).to(z0.dtype)
-            if op.b != 1.0 and op.a == 0:
-                dot = dot * op.b
-            if w0 is not None:
-                dot = dot * w0
-            dot = dot * (1.0 / math.sqrt(g0.shape[1]))
-            t = sk(t, dot)
-        z1 = s @ g1
-        s = (torch.relu(z1) * op.b if op.a == 0 else op.a * z1.clamp(max=0) + op.b * z1.clamp(min=0))
-        s = s * (1.0 / math.sqrt(g1.shape[1]))
+            t = self._derivative_sketch(op, s, t, g0, w0, sk)
+        z1 = s @ g1  # g1 includes 1 / sqrt(m1) (_convert)
+        if op.a == 0:
+            s = z1.relu_() if op.b == 1.0 else z1.relu_().mul_(op.b)
+        else:
+            s = op.a * z1.clamp(max=0) + op.b * z1.clamp(min=0)
         return s, t
+
+    @staticmethod
+    def _derivative_sketch(op, s: torch.Tensor, t: torch.Tensor, g0, w0, sk) -> torch.Tensor:
+        """TensorSRHT(phi_t, dot) with dot = phi'(G0 phi_s) [w0] / sqrt(m0), in few passes: phi'(z) takes two
+        values, so dot times the right factor's random signs and every constant scale (1 / sqrt(m0), the
+        sketch's 1 / sqrt(ms), the importance weights w0) is one product with the step function, written into
+        the zero-padded buffer of the Walsh-Hadamard transform. Equal to ``sk(t, dot)`` up to rounding."""
+        z0 = s @ g0
+        right = sk.right
+        c = 1.0 / math.sqrt(g0.shape[1] * sk.m)
+        hi, lo = right.signs * (op.b * c), right.signs * (op.a * c)
+        if w0 is not None:
+            hi, lo = hi * w0, lo * w0
+        buf = z0.new_empty((z0.shape[0], right.pad))
+        if right.pad > right.dim:
+            buf[:, right.dim:].zero_()
+        step = z0.gt_(0)  # 1 where z > 0, else 0 (in place: torch.where is ~4x slower here)
+        if op.a == 0:
+            torch.mul(step, hi, out=buf[:, :right.dim])
+        else:
+            torch.addcmul(lo, step, hi - lo, out=buf[:, :right.dim])
+        del z0, step
+        return sk.left(t).mul_(torch.index_select(fwht(buf), 1, right.rows))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         ntk = self.kernel == "ntk"
