@@ -7,8 +7,9 @@
    log-log slope of time vs n); at n = 2e4 the exact NTK (direct solve) vs features in the same run;
    FALKON (Nystrom KRR by preconditioned CG, 2000 centers) at n = 2e4 and 1e5.
 3. ``--fair``: at n = n0 the exact NTK vs feature maps (random features, leverage-score features, NTK
-   Sketch) over m, every regressor with its own ridge picked by the same validation split of the
-   training data; test MSE and times of both.
+   Sketch; ``cg:M``: random features with the ridge solved by matrix-free preconditioned CG) over m, every
+   regressor with its own ridge picked by the same validation split of the training data; test MSE and
+   times of both.
 
     python benchmarks/bench_features.py --mnist ../shared/data/mnist --out bench_features.json
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -196,6 +198,78 @@ def scaling(args, out):
 
 # ------------------------------------------------------------------------------------------------
 # n = n0: exact NTK vs features, each with its own ridge picked by the same validation procedure
+def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse):
+    """Random features (Han et al.) with the ridge solved by matrix-free Nystrom-preconditioned CG
+    (``feature_ridge(..., solver="cg")``): the whole lambda grid in one CG run on the fit part (one pass over
+    the features per iteration for all lambdas), validation MSE per lambda, then a refit on all n0 points at
+    the chosen lambda and one score on the test set. Phi^T Phi is never formed."""
+    def make():
+        return NTKRandomFeatures(arch, m, random_state=0, dtype=torch.float32, progress=False)
+
+    def tune():
+        fm = make().fit(xf)
+        w, info = feature_ridge(fm, xf, yf, [r * mean_diag for r in grid], solver="cg", tol=args.cg_tol,
+                                rank=args.cg_rank, max_iter=1000, return_info=True)
+        pred = torch.cat([torch.einsum("bm,lmk->lbk", f.double(), w) for _, f in fm.iter_transform(xv)], 1)
+        return [mse(pred[j], yv) for j in range(len(grid))], info
+    (errs, tinfo), t_tune = timed(tune)
+    r_best = grid[int(np.argmin(errs))]
+    lam = r_best * float(kf(x, diagonal=True).mean())
+    times = {}
+
+    def fit_predict():
+        t0 = time.perf_counter()
+        fm = make().fit(x)
+        w, info = feature_ridge(fm, x, y, lam, solver="cg", tol=args.cg_tol, rank=args.cg_rank, max_iter=1000,
+                                return_info=True)
+        t1 = time.perf_counter()
+        pred = torch.cat([f.double() @ w for _, f in fm.iter_transform(xte)])
+        times["test_predictions"] = time.perf_counter() - t1
+        times["ridge_total"] = t1 - t0
+        return pred, info, fm
+    (pred, info, fm), t = timed(fit_predict)
+    row = {"map": "gaussian, CG", "n_components": m, "validation_mse": errs, "r": r_best, "lambda": lam,
+           "test_mse": mse(pred, yte), "time_s": t, "tune_time_s": t_tune, "cg_tol": info.tol,
+           "rank": info.rank, "iterations": info.iterations, "residual": info.residual, "times": {**info.times, **times},
+           "features_stored": info.stored, "tune_iterations": tinfo.iterations, "tune_residual": tinfo.residual,
+           "tune_times": tinfo.times}
+    print(f"n={args.n0} CG m={m}: r={r_best:g} test mse {row['test_mse']:.4f}, fit {t:.1f} s ({info.iterations} it, "
+          f"residual {info.residual[0]:.1e}, times {row['times']}), tuning {t_tune:.1f} s ({tinfo.iterations} it "
+          f"for {len(grid)} lambdas); validation {['%.4f' % e for e in errs]}", flush=True)
+    if m in args.cg_plain:  # the same final solve without the preconditioner (iterations and time only)
+        (w2, info2), t2 = timed(lambda: feature_ridge(fm, x, y, lam, solver="cg", tol=args.cg_tol, preconditioner=None,
+                                                      max_iter=3000, return_info=True))
+        (w3, info3), t3 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
+                                                      tol=args.cg_tol, preconditioner=None, max_iter=3000,
+                                                      return_info=True))
+        row["unpreconditioned"] = {"iterations": info2.iterations, "residual": info2.residual, "time_s": t2,
+                                   "converged": info2.converged, "grid_iterations": info3.iterations,
+                                   "grid_converged": info3.converged, "grid_time_s": t3, "times": info2.times}
+        print(f"  without preconditioner: {info2.iterations} it ({t2:.1f} s) at the chosen lambda; "
+              f"{info3.iterations} it for the grid on all {len(x)} ({t3:.1f} s)", flush=True)
+        # the grid with the preconditioner: all lambdas in one CG run vs one run per lambda
+        (w4, info4), t4 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
+                                                      tol=args.cg_tol, rank=args.cg_rank, max_iter=1000,
+                                                      return_info=True))
+        sep = []
+        for r in grid:
+            (_, inf), tt = timed(lambda: feature_ridge(fm, x, y, r * mean_diag, solver="cg", tol=args.cg_tol,
+                                                       rank=args.cg_rank, max_iter=1000, return_info=True))
+            sep.append({"r": r, "iterations": inf.iterations, "time_s": tt})
+        row["grid_preconditioned"] = {"together_iterations": info4.iterations, "together_time_s": t4,
+                                      "separate": sep, "separate_time_s": sum(v["time_s"] for v in sep)}
+        print(f"  grid with the preconditioner on all {len(x)}: together {info4.iterations} it in {t4:.1f} s; one run "
+              f"per lambda {[v['iterations'] for v in sep]} it in {row['grid_preconditioned']['separate_time_s']:.1f} s",
+              flush=True)
+    if m in args.cg_check:  # the same float32 features solved directly in float64 (normal equations)
+        (wd, _), td = timed(lambda: feature_ridge(fm, x, y, lam, solver="direct", return_info=True))
+        pd = torch.cat([f.double() @ wd for _, f in fm.iter_transform(xte)])
+        row["direct_same_features"] = {"test_mse": mse(pd, yte), "time_s": td,
+                                       "prediction_rel_diff": float((pred - pd).norm() / pd.norm())}
+        print(f"  direct solve of the same features: test mse {mse(pd, yte):.4f} in {td:.1f} s; CG vs direct "
+              f"predictions differ by {row['direct_same_features']['prediction_rel_diff']:.1e} (relative)", flush=True)
+    res["features"].append(row)
+
 def _val_split(n, frac):
     n_val = int(round(frac * n))
     return n - n_val
@@ -227,9 +301,14 @@ def fair_comparison(args, out):
     def mse(pred, target):
         return float(((pred - target) ** 2).mean())
 
+    res["load_average_start"] = os.getloadavg()
     for spec in args.fair_maps:
         kind, m = spec.split(":")
         m = int(m)
+        if kind == "cg":
+            fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse)
+            save(args, out)
+            continue
 
         def make():
             if kind == "sketch":
@@ -294,6 +373,7 @@ def fair_comparison(args, out):
         print(f"n={args.n0} exact: r={r_best:g} test mse {mse(pred, yte):.4f}, fit {t:.1f} s, tuning {t_tune:.1f} s",
               flush=True)
 
+    res["load_average_end"] = os.getloadavg()
     if "exact" in res:  # ratios once both are measured (features first: the exact solve is the long part)
         ex = res["exact"]
         for row in res["features"]:
@@ -330,7 +410,14 @@ def main():
     p.add_argument("--fair-maps", nargs="*", default=["gaussian:512", "gaussian:1024", "gaussian:2048",
                                                       "gaussian:4096", "leverage:1024", "leverage:2048",
                                                       "leverage:4096", "sketch:1024", "sketch:2048", "sketch:4096"],
-                   help="feature maps of --fair as KIND:M, KIND in gaussian, leverage, sketch")
+                   help="feature maps of --fair as KIND:M, KIND in gaussian, leverage, sketch (normal equations) "
+                        "or cg (random features, ridge by matrix-free preconditioned CG)")
+    p.add_argument("--cg-tol", type=float, default=1e-5, help="relative residual of the CG feature ridge (cg:M maps)")
+    p.add_argument("--cg-rank", type=int, default=None, help="Nystrom preconditioner rank of cg:M (default 1000)")
+    p.add_argument("--cg-plain", type=int, nargs="*", default=[],
+                   help="for these cg:M maps also solve without the preconditioner (iterations, time)")
+    p.add_argument("--cg-check", type=int, nargs="*", default=[],
+                   help="for these cg:M maps also solve the same features directly (normal equations, float64)")
     p.add_argument("--out", default="bench_features.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -146,7 +146,8 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         the others only for ``t=None``: "cg" exact, by conjugate gradients with kernel blocks computed on
         the fly and a rank-``n_centers`` Nystrom preconditioner; "nystrom": FALKON on ``n_centers`` centers
         (Rudi et al. 2017); "features": ridge regression on ``n_random_features`` NTK/NNGP random features
-        (Han et al. 2021; fully-connected ReLU networks). "auto": "cholesky" when ``t`` is set or the
+        (Han et al. 2021; fully-connected ReLU networks), by the m x m normal equations or, from 8192
+        features on, by matrix-free Nystrom-preconditioned CG (``ntkit.solvers.feature_ridge``). "auto": "cholesky" when ``t`` is set or the
         n x n matrix fits (n <= 20 000), else "features" for n >= 200 000 when the kernel has them, else
         "nystrom" (``ntkit.solvers.choose_solver``).
     n_centers : int, optional
@@ -171,7 +172,7 @@ class NTKRegressor(RegressorMixin, _KernelModel):
     solver_ : str
         The solver used.
     n_iter_ : int
-        CG iterations ("cg", "nystrom"; 1 for the direct solves, "cholesky" and "features").
+        CG iterations ("cg", "nystrom", "features" solved by CG; 1 for the direct solves).
     solution_ : ntkit.solvers solution (not for "cholesky")
     kernel_function_ : ntkit.KernelFunction
     n_features_in_ : int

@@ -152,3 +152,23 @@ def test_bad_input(data):
     with pytest.warns(RuntimeWarning, match="stopped after 2 iterations"):
         _, info = feature_ridge(fm, x, y, 1e-6 * md, solver="cg", max_iter=2, preconditioner=None, return_info=True)
     assert not info.converged
+
+
+def test_regressor_takes_cg_for_many_features():
+    """NTKRegressor(solver="features") with 8192 features solves by CG (the auto rule) and equals the dual
+    (push-through) solution Phi_t Phi^T (Phi Phi^T + lam I)^{-1} y, an n x n reference independent of CG."""
+    from ntkit.estimators import NTKRegressor
+
+    rng = np.random.default_rng(1)
+    x, xt = rng.standard_normal((150, 4)), rng.standard_normal((20, 4))
+    y = np.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.1 * rng.standard_normal(150)
+    reg = NTKRegressor(depth=1, diag_reg=1e-2, solver="features", n_random_features=8192, random_state=0,
+                       memory_budget=4e9).fit(x, y)
+    sol = reg.solution_
+    assert sol.feature_solver == "cg" and reg.n_iter_ == sol.iterations >= 1 and sol.info.converged
+    assert sol.info.rank == 150  # every row sampled: the preconditioner is exact, one or two iterations
+    fm = sol.feature_map
+    phi, phit = fm.transform(torch.as_tensor(x)), fm.transform(torch.as_tensor(xt))
+    ref = phit @ phi.T @ torch.linalg.solve(phi @ phi.T + sol.lam * torch.eye(150, dtype=torch.float64),
+                                            torch.as_tensor(y))
+    assert _rel(reg.predict(xt), ref) < 1e-6
