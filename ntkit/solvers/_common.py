@@ -99,9 +99,14 @@ def _psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return v @ (inv[:, None] * (v.T @ b))
 
 
-def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, progress=True, desc="CG"):
+def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, progress=True, desc="CG",
+        columns: bool = False):
     """Preconditioned conjugate gradients for a symmetric PSD operator, one column of ``b`` per system
     (Hestenes & Stiefel 1952; Saad 2003, Alg. 9.1). Stops when every ||r_j|| <= tol ||b_j||.
+
+    ``columns=True``: ``matvec(v, idx)`` is called with the columns ``idx`` of the systems not yet converged
+    only (each column may be a different operator, e.g. another ridge parameter), so converged systems stop
+    costing matrix-vector products.
 
     Returns (x, iterations, relative residual history)."""
     x = torch.zeros_like(b)
@@ -119,7 +124,12 @@ def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, pro
             if not bool(active.any()):
                 it -= 1
                 break
-            ap = matvec(p)
+            if columns and not bool(active.all()):
+                idx = active.nonzero().flatten()
+                ap = torch.zeros_like(p)
+                ap[:, idx] = matvec(p[:, idx], idx)
+            else:
+                ap = matvec(p, torch.arange(p.shape[1], device=p.device)) if columns else matvec(p)
             pap = (p * ap).sum(0)
             ok = active & (pap > 0)
             alpha = torch.where(ok, rz / torch.where(ok, pap, torch.ones_like(pap)), torch.zeros_like(pap))

@@ -241,7 +241,8 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
     lam : float >= 0, or a sequence of them
         Ridge parameter(s). A sequence returns one solution per value (validation over a grid): "direct"
         from one eigendecomposition of Phi^T Phi, "cg" from one CG run whose every iteration applies Phi and
-        Phi^T to all lambdas' vectors at once (one pass over the features for the whole grid).
+        Phi^T to the vectors of all lambdas not yet converged at once (one pass over the features for the
+        grid; the preconditioner is shared, with each lambda's shift).
     solver : {"auto", "direct", "cg"}
         "direct": the m x m normal equations in float64 (O(n m^2 + m^3) time, O(m^2) memory; pseudo-inverse
         for lam = 0). "cg": preconditioned conjugate gradients (Hestenes & Stiefel 1952) on
@@ -337,13 +338,13 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
         precond = nys(mus)
     info.times["preconditioner"] = time.perf_counter() - t0
 
-    def matvec(v):
-        return ops.gram_matvec(v).add_(v * mus)
+    def matvec(v, idx):  # columns idx only: systems that converged cost no more passes over Phi
+        return ops.gram_matvec(v).add_(v * mus[idx])
 
     t0 = time.perf_counter()
     w, it, hist = pcg(matvec, rhs, precond, tol=tol, max_iter=max_iter, progress=progress,
-                      desc="feature ridge CG" + (" (Nystrom precond.)" if r else ""))
-    res = (rhs - matvec(w)).norm(dim=0) / rhs.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+                      desc="feature ridge CG" + (" (Nystrom precond.)" if r else ""), columns=True)
+    res = (rhs - matvec(w, torch.arange(w.shape[1]))).norm(dim=0) / rhs.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     info.times["solve"] = time.perf_counter() - t0
     info.iterations, info.history, info.tol = it, hist, tol
     info.residual = [float(v) for v in res.reshape(len(lams), k).max(1).values]
