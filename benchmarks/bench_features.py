@@ -199,7 +199,7 @@ def scaling(args, out):
 
 # ------------------------------------------------------------------------------------------------
 # n = n0: exact NTK vs features, each with its own ridge picked by the same validation procedure
-def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse):
+def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse, cg_tol):
     """Random features (Han et al.) with the ridge solved by matrix-free Nystrom-preconditioned CG
     (``feature_ridge(..., solver="cg")``): the whole lambda grid in one CG run on the fit part (one pass over
     the features per iteration for all lambdas), validation MSE per lambda, then a refit on all n0 points at
@@ -209,7 +209,7 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
 
     def tune():
         fm = make().fit(xf)
-        w, info = feature_ridge(fm, xf, yf, [r * mean_diag for r in grid], solver="cg", tol=args.cg_tol,
+        w, info = feature_ridge(fm, xf, yf, [r * mean_diag for r in grid], solver="cg", tol=cg_tol,
                                 rank=args.cg_rank, max_iter=1000, return_info=True)
         pred = torch.cat([torch.einsum("bm,lmk->lbk", f.double(), w) for _, f in fm.iter_transform(xv)], 1)
         return [mse(pred[j], yv) for j in range(len(grid))], info
@@ -221,7 +221,7 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
     def fit_predict():
         t0 = time.perf_counter()
         fm = make().fit(x)
-        w, info = feature_ridge(fm, x, y, lam, solver="cg", tol=args.cg_tol, rank=args.cg_rank, max_iter=1000,
+        w, info = feature_ridge(fm, x, y, lam, solver="cg", tol=cg_tol, rank=args.cg_rank, max_iter=1000,
                                 return_info=True)
         t1 = time.perf_counter()
         pred = torch.cat([f.double() @ w for _, f in fm.iter_transform(xte)])
@@ -234,16 +234,16 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
            "rank": info.rank, "iterations": info.iterations, "residual": info.residual, "times": {**info.times, **times},
            "features_stored": info.stored, "tune_iterations": tinfo.iterations, "tune_residual": tinfo.residual,
            "tune_times": tinfo.times}
-    print(f"n={args.n0} CG m={m}: r={r_best:g} test mse {row['test_mse']:.4f}, fit {t:.1f} s ({info.iterations} it, "
+    print(f"n={args.n0} CG m={m} tol {cg_tol:g}: r={r_best:g} test mse {row['test_mse']:.4f}, fit {t:.1f} s ({info.iterations} it, "
           f"residual {info.residual[0]:.1e}, times {row['times']}), tuning {t_tune:.1f} s ({tinfo.iterations} it "
           f"for {len(grid)} lambdas); validation {['%.4f' % e for e in errs]}", flush=True)
     if m in args.cg_plain:  # the same final solve without the preconditioner (iterations and time only)
-        (w2, info2), t2 = timed(lambda: feature_ridge(fm, x, y, lam, solver="cg", tol=args.cg_tol, preconditioner=None,
+        (w2, info2), t2 = timed(lambda: feature_ridge(fm, x, y, lam, solver="cg", tol=cg_tol, preconditioner=None,
                                                       max_iter=2000, return_info=True))
         with warnings.catch_warnings():  # the grid's small lambdas need far more: capped, the residual reported
             warnings.simplefilter("ignore", RuntimeWarning)
             (w3, info3), t3 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
-                                                          tol=args.cg_tol, preconditioner=None,
+                                                          tol=cg_tol, preconditioner=None,
                                                           max_iter=args.cg_plain_max_iter, return_info=True))
         row["unpreconditioned"] = {"iterations": info2.iterations, "residual": info2.residual, "time_s": t2,
                                    "converged": info2.converged, "grid_iterations": info3.iterations,
@@ -254,11 +254,11 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
               f"{['%.1e' % v for v in info3.residual]})", flush=True)
         # the grid with the preconditioner: all lambdas in one CG run vs one run per lambda
         (w4, info4), t4 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
-                                                      tol=args.cg_tol, rank=args.cg_rank, max_iter=1000,
+                                                      tol=cg_tol, rank=args.cg_rank, max_iter=1000,
                                                       return_info=True))
         sep = []
         for r in grid:
-            (_, inf), tt = timed(lambda: feature_ridge(fm, x, y, r * mean_diag, solver="cg", tol=args.cg_tol,
+            (_, inf), tt = timed(lambda: feature_ridge(fm, x, y, r * mean_diag, solver="cg", tol=cg_tol,
                                                        rank=args.cg_rank, max_iter=1000, return_info=True))
             sep.append({"r": r, "iterations": inf.iterations, "time_s": tt})
         row["grid_preconditioned"] = {"together_iterations": info4.iterations, "together_time_s": t4,
@@ -308,10 +308,11 @@ def fair_comparison(args, out):
 
     res["load_average_start"] = os.getloadavg()
     for spec in args.fair_maps:
-        kind, m = spec.split(":")
+        kind, m, *tol = spec.split(":")
         m = int(m)
         if kind == "cg":
-            fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse)
+            fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse,
+                    float(tol[0]) if tol else args.cg_tol)
             save(args, out)
             continue
 
@@ -416,7 +417,7 @@ def main():
                                                       "gaussian:4096", "leverage:1024", "leverage:2048",
                                                       "leverage:4096", "sketch:1024", "sketch:2048", "sketch:4096"],
                    help="feature maps of --fair as KIND:M, KIND in gaussian, leverage, sketch (normal equations) "
-                        "or cg (random features, ridge by matrix-free preconditioned CG)")
+                        "or cg (random features, ridge by matrix-free preconditioned CG; cg:M:TOL sets its tolerance)")
     p.add_argument("--cg-tol", type=float, default=1e-5, help="relative residual of the CG feature ridge (cg:M maps)")
     p.add_argument("--cg-rank", type=int, default=None, help="Nystrom preconditioner rank of cg:M (default 1000)")
     p.add_argument("--cg-plain", type=int, nargs="*", default=[],

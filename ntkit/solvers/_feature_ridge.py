@@ -202,7 +202,8 @@ class _Nystrom:
     A_hat = (n / r) Phi_S^T Phi_S = U diag(lam_hat) U^T (U from the r x r Gram Phi_S Phi_S^T = V diag(s^2) V^T:
     U = Phi_S^T V diag(1/s), lam_hat = (n / r) s^2; directions with s^2 below 1e-10 of the largest dropped), and
     P^{-1} = (lam_hat_min + mu) U diag(1 / (lam_hat + mu)) U^T + (I - U U^T)   (Frangella, Tropp & Udell 2023,
-    Eq. (5.3)), one mu per column. Built in float64 (U orthonormal to ~1e-11), applied in O(m r) per column.
+    Eq. (5.3)), one mu per column. In float64 (U orthonormal to ~1e-11); U is applied through its factors
+    Phi_S^T (V diag(1/s)) -- as cheap as U itself, O(m r) per column, and one r x r x m product less to build.
     """
 
     def __init__(self, phi_s: torch.Tensor, n: int):
@@ -211,7 +212,7 @@ class _Nystrom:
         s2, v = torch.linalg.eigh(0.5 * (gram + gram.T))
         keep = s2 > 1e-10 * float(s2.max().clamp_min(1e-300))
         s2, v = s2[keep], v[:, keep]
-        self.u = phi_s.T @ (v / s2.sqrt())
+        self.phi_s, self.coef = phi_s, v / s2.sqrt()  # U = phi_s^T coef
         self.lam_hat = (n / r) * s2
         self.rank = int(s2.shape[0])
 
@@ -220,7 +221,8 @@ class _Nystrom:
         d = (lo + mus)[None, :] / (self.lam_hat[:, None] + mus[None, :]) - 1.0  # (rank, k)
 
         def apply(rv: torch.Tensor) -> torch.Tensor:
-            return rv + self.u @ (d * (self.u.T @ rv))
+            ut_r = self.coef.T @ (self.phi_s @ rv)
+            return rv + self.phi_s.T @ (self.coef @ (d * ut_r))
 
         return apply
 
