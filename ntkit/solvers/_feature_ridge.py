@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .._validation import available_memory_bytes, check_memory
+from .._validation import available_memory_bytes, check_memory, empty_output
 from ..features._base import FeatureMap, make_generator
 from ._common import _psd_solve, pcg
 
@@ -152,9 +152,14 @@ class _Features:
         item = torch.finfo(self.dtype).bits // 8
         self.stored = n * self.m * item <= budget
         self.blocks: list[tuple[int, torch.Tensor]] | None = None
-        if self.stored:
-            self.blocks = list(feature_map.iter_transform(x))
-            self.device = self.blocks[0][1].device
+        if self.stored:  # one allocation (given back to the system when freed; huge pages on Linux), not n/batch
+            phi = None
+            for i, f in feature_map.iter_transform(x):
+                if phi is None:
+                    phi = empty_output((n, self.m), f.dtype, f.device)
+                phi[i:i + f.shape[0]] = f
+            self.blocks = [(0, phi)]
+            self.device = phi.device
 
     def batches(self):
         return iter(self.blocks) if self.stored else self.fm.iter_transform(self.x)
@@ -187,10 +192,8 @@ class _Features:
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Phi[idx] in float64."""
         if self.stored:
-            pos = torch.tensor([i for i, _ in self.blocks])
-            blk = torch.searchsorted(pos, idx.cpu(), right=True) - 1
-            return torch.stack([self.blocks[int(b)][1][int(i) - self.blocks[int(b)][0]]
-                                for b, i in zip(blk, idx)]).to(torch.float64)
+            phi = self.blocks[0][1]
+            return phi[idx.to(phi.device)].to(torch.float64)
         xs = self.x[idx.to(self.x.device)] if isinstance(self.x, torch.Tensor) else self.x[idx.numpy()]
         f = self.fm.transform(xs)
         return torch.as_tensor(f).to(torch.float64)
