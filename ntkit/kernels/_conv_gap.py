@@ -26,6 +26,12 @@ tensor), so self-correlations are snapped to exactly 1 as there. The last activa
 step: its dual is summed over all position pairs as it is computed (a compiled reduction when ``fused``), so
 the last state is never written.
 
+With ``fused`` and a 2-D stack of stride-1 trainable convolutions and ReLU-family activations (whose padded
+widths agree), the convolutions and activations are compiled loops over a zero-padded layout instead
+(:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
+and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation,
+one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
+
 Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) when
 :func:`plan` accepts the architecture: Gaussian initialization, NTK parameterization, a first convolution,
 then only convolutions and pointwise activations (each on a convolution's output) up to a
@@ -161,6 +167,12 @@ def gap_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, n_self: int, 
     the variances of inputs 0 .. n_self - 1, which every pair's inputs must be among). Returns ``(nngp, ntk)``
     of shape ``(len(r1),)`` (``ntk`` None when not needed, or a float when still constant)."""
     n, size, C = a.shape[0], tuple(a.shape[1:-1]), a.shape[-1]
+    steps = compiled_plan(layers, size, fused, need_ntk)
+    if steps is not None:
+        try:
+            return compiled_stack(a, r1, r2, n_self, layers, steps)
+        except _Fallback:
+            pass
     nd = len(size)
     P = len(r1)
     flat = a.reshape(n, -1, C)
@@ -246,3 +258,185 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
     ntk = ntk[n:].view(b1, b2) if isinstance(ntk, torch.Tensor) else ntk
     return KernelState(nngp=nngp[n:].view(b1, b2), ntk=ntk, var1=own[:b1].unsqueeze(1), var2=own[b1:].unsqueeze(0),
                        **meta)
+
+
+# -- one compiled loop per convolution, one per activation ---------------------------------------------------
+# With ``fused`` the eager window sums (3 + 3 shifted additions over the chunk per tensor and layer, each a
+# pass over memory) dominate. For 2-D stride-1 stacks of trainable convolutions and ReLU-family activations
+# whose padded widths agree, every convolution is instead one compiled loop over a zero-padded layout, and
+# every activation one compiled loop that writes the next convolution's padded input:
+#
+# * The input of a convolution is kept as ``(1, Hp, Wp, Hp * Wp)``: the first input's positions (h, w) padded,
+#   and the second input's positions flattened into rows of the padded width Wp (zeros in the padding). A
+#   filter offset (oh, ow) then reads one *contiguous* range of the flat axis, at oh Wp + ow, for every
+#   output position p' = h' Wp + w' -- no masks, long vectorised rows. The Wp - Wo columns per row past the
+#   image are computed too (garbage) and masked to zero when the activation writes the next padded input,
+#   which is exactly that input's zero padding.
+# * The first convolution (the 1x1 convolution of the im2col patches) is one batched matrix product of the
+#   first input's patches with the second's, zero-padded to that layout, with the bias folded in (baddbmm).
+# * The last activation and the pooling are one loop (a masked sum), as above.
+# One pair per call (static shapes: each geometry compiles once).
+
+
+class _Fallback(Exception):
+    """The compiled stack cannot take this tile (a zero variance, compilation failed): use the chunks."""
+
+
+def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool):
+    """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
+    ``size``, or None when it does not apply (then :func:`gap_stack` computes it)."""
+    if not (fused and need_ntk and len(size) == 2 and _fused.compile_available()):
+        return None
+    body = layers[:-1]
+    if len(body) < 4 or len(body) % 2:
+        return None
+    convs, acts = body[0::2], body[1::2]
+    if not all(isinstance(c, Conv) and c.trainable and c.strides == (1, 1) for c in convs):
+        return None
+    if not all(isinstance(a, ABRelu) and a.a != a.b for a in acts):
+        return None
+    if convs[0].filter_shape != (1, 1):
+        return None
+    steps, shape = [], tuple(size)
+    for c in convs[1:]:
+        geo = c.geometry(shape)  # (n, f, s, pad, out) per axis
+        (h, fh, _, ph, ho), (w, fw, _, pw, wo) = geo
+        steps.append(dict(conv=c, H=h, W=w, fh=fh, fw=fw, ph=ph, pw=pw, Ho=ho, Wo=wo, Hp=ho + fh - 1, Wp=wo + fw - 1))
+        shape = (ho, wo)
+    # an activation writes the next convolution's padded input in its own row width: they must agree
+    if any(a["Wp"] != b["Wp"] for a, b in zip(steps, steps[1:])):
+        return None
+    return steps
+
+
+def _compiled(key, make):
+    f = _fused._compiled.get(key)
+    if f is None:
+        f = _fused._compiled_fn(key, make(), dynamic=False)
+    return f
+
+
+def _wsum_fn(st, w2: float, b2: float):
+    Ho, Wo, Wp, fh, fw, ph, pw = st["Ho"], st["Wo"], st["Wp"], st["fh"], st["fw"], st["ph"], st["pw"]
+    L = (Ho - 1) * Wp + Wo
+    order_h = [ph] + [o for o in range(fh) if o != ph] if ph else list(range(fh))
+    order_w = [pw] + [o for o in range(fw) if o != pw] if pw else list(range(fw))
+
+    def wsum(X):
+        total = None
+        for ow in order_w:
+            part = None
+            for oh in order_h:
+                o = oh * Wp + ow
+                t = X[:, oh:oh + Ho, ow:ow + Wo, o:o + L]
+                part = t if part is None else part + t
+            total = part if total is None else total + part
+        return total
+
+    def fn(PS, PT):
+        S = b2 + w2 * wsum(PS)
+        return S, S + w2 * wsum(PT)
+
+    return fn
+
+
+def _dual_into_fn(d0: float, k: float, pads: tuple):
+    def fn(S, T, r1, r2, s1k, s2, mask):
+        o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
+        pad = torch.nn.functional.pad
+        return pad(torch.where(mask, o, 0.0), pads), pad(torch.where(mask, t, 0.0), pads)
+    return fn
+
+
+def _dual_sum_fn(d0: float, k: float):
+    def fn(S, T, r1, r2, s1k, s2, mask):
+        o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
+        return torch.where(mask, o, 0.0).sum(), torch.where(mask, t, 0.0).sum()
+    return fn
+
+
+def _call(key, make, *args):
+    if key in _fused._failed:
+        raise _Fallback
+    try:
+        return _compiled(key, make)(*args)
+    except Exception as err:  # no compiler, unsupported device, ...: the chunked eager path gives the same
+        _fused._failed.add(key)
+        import warnings
+        warnings.warn(f"ntkit: compiling the fused CNTK layers failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
+                      RuntimeWarning, stacklevel=3)
+        raise _Fallback from err
+
+
+def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
+    """:func:`gap_stack` (``need_ntk``) by the compiled loops described above, one pair at a time."""
+    n, size, C = a.shape[0], tuple(a.shape[1:-1]), a.shape[-1]
+    H, W = size
+    dt, dev = a.dtype, a.device
+    eps = torch.finfo(dt).eps
+    body = layers[:-1]
+    convs, acts = body[0::2], body[1::2]
+    first = steps[0]
+    Hp, Wp = first["Hp"], first["Wp"]
+    # the first input's patches (rows p = (h, w)) and the second's zero-padded to the rows of conv 2's input
+    A1 = a.reshape(n, H * W, C)
+    A2 = torch.zeros((n, Hp, Wp, C), dtype=dt, device=dev)
+    A2[:, first["ph"]:first["ph"] + H, first["pw"]:first["pw"] + W] = a
+    A2 = A2.reshape(n, Hp * Wp, C).transpose(1, 2)
+    c0 = convs[0]
+    w2_0 = c0.W_std**2
+    b2_0 = torch.tensor(0.0 if c0.b_std is None else c0.b_std**2, dtype=dt, device=dev)
+    masks, geo = [], []
+    for s in steps:  # the activation before conv l writes its H x W positions in rows of conv l's padded width
+        L = (s["H"] - 1) * s["Wp"] + s["W"]
+        masks.append((torch.arange(L, device=dev) % s["Wp"]) < s["W"])
+        geo.append((s["H"], s["W"], s["Wp"], L))
+    last = steps[-1]
+    Lo = (last["Ho"] - 1) * last["Wp"] + last["Wo"]
+    masks.append((torch.arange(Lo, device=dev) % last["Wp"]) < last["Wo"])
+    geo.append((last["Ho"], last["Wo"], last["Wp"], Lo))
+    records = [a.new_empty((n, g[0], g[1])) for g in geo]
+    P = len(r1)
+    nngp, ntk = a.new_empty(P), a.new_empty(P)
+    r1l, r2l = r1.tolist(), r2.tolist()
+    for m in range(P):
+        i, j = r1l[m], r2l[m]
+        S0 = torch.baddbmm(b2_0, A1[i:i + 1], A2[j:j + 1], alpha=w2_0)
+        Hh, Ww, Wpp, L = geo[0]
+        S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L]
+        T = S
+        for li, act in enumerate(acts):
+            Hh, Ww, Wpp, L = geo[li]
+            if m < n_self:  # the diagonal Sigma(p, p) of a self pair: its input's variances
+                records[li][m] = torch.as_strided(S, (Hh, Ww), (S.stride(1) + Wpp, S.stride(2) + 1),
+                                                  S.storage_offset())
+            q1, q2 = records[li][i], records[li][j]
+            if bool((q1 <= 0).any()) or bool((q2 <= 0).any()):
+                raise _Fallback
+            kk = (act.a - act.b) ** 2 / (2 * math.pi)
+            d0 = (act.a * act.a + act.b * act.b) / 2
+            s1 = torch.sqrt(q1).reshape(1, Hh, Ww, 1)
+            s2 = torch.ones((Hh, Wpp), dtype=dt, device=dev)
+            s2[:, :Ww] = torch.sqrt(q2)
+            s2 = s2.reshape(1, 1, 1, -1)[..., :L]
+            f = ((1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * kk, s2)
+            dkey = (float(d0), float(kk), dt, dev.type)
+            if li == len(acts) - 1:
+                s, t = _call(("cntk-dual-sum",) + dkey + (S.shape, S.stride(), T is S),
+                             lambda: _dual_sum_fn(d0, kk), S, T, *f, masks[li])
+                nngp[m], ntk[m] = s, t
+                break
+            st = steps[li]
+            PL = st["Hp"] * st["Wp"]
+            off = st["ph"] * st["Wp"] + st["pw"]
+            padw = (off, PL - off - L, st["pw"], st["Wp"] - st["W"] - st["pw"], st["ph"], st["Hp"] - st["H"] - st["ph"])
+            PS, PT = _call(("cntk-dual",) + dkey + (S.shape, S.stride(), T is S, padw),
+                           lambda: _dual_into_fn(d0, kk, padw), S, T, *f, masks[li])
+            cv = convs[li + 1]
+            w2 = cv.W_std**2 / (st["fh"] * st["fw"])
+            b2 = 0.0 if cv.b_std is None else cv.b_std**2
+            gkey = tuple(st[name] for name in ("Ho", "Wo", "Wp", "fh", "fw", "ph", "pw"))
+            S, T = _call(("cntk-wsum", dt, dev.type, w2, b2) + gkey, lambda: _wsum_fn(st, w2, b2), PS, PT)
+    m_out = float(geo[-1][0] * geo[-1][1]) ** 2
+    return nngp / m_out, ntk / m_out

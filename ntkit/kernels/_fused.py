@@ -116,10 +116,10 @@ def _abrelu_dual_poly(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2, acos=acos_poly)
 
 
-def _compiled_fn(name, fn):
+def _compiled_fn(name, fn, dynamic: bool = True):
     f = _compiled.get(name)
     if f is None:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True)
 
         def f(*args):
             # Python floats (polynomial coefficients, slopes) as compile-time constants: otherwise

@@ -142,3 +142,68 @@ def test_fused_chunks_equal_eager_without_compiler(images, monkeypatch):
         b = arch.kernel(images, x2, dtype=F64, fused=True)
         for u, v in zip(a, b):
             torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+
+
+# -- the compiled stack (fused=True): padded layout, one compiled loop per conv and per activation ------------
+def _same_net(act, f2=(3, 3), f3=(3, 3), b_std=0.05):
+    return ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.4, b_std=b_std), act,
+                        ntkit.Conv(4, f2, W_std=1.3, b_std=b_std), act,
+                        ntkit.Conv(4, f3, W_std=1.2, b_std=b_std), act, ntkit.GlobalAvgPool(), ntkit.Dense(1, 1.1))
+
+
+def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
+    monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
+    x = torch.zeros(1, 6, 5, 1, dtype=F64)
+
+    def steps(arch, fused=True, need_ntk=True, size=(6, 5)):
+        _, layers = arch._input_plan(x, "gaussian")
+        return _conv_gap.compiled_plan(layers[:layers.index(ntkit.GlobalAvgPool()) + 1], size, fused, need_ntk)
+
+    ok = steps(_same_net(ntkit.Relu()))
+    assert [(s["Ho"], s["Wo"], s["Wp"], s["ph"], s["pw"]) for s in ok] == [(6, 5, 7, 1, 1)] * 2
+    assert steps(_same_net(ntkit.Relu()), fused=False) is None
+    assert steps(_same_net(ntkit.Relu()), need_ntk=False) is None
+    assert steps(_same_net(ntkit.Erf())) is None  # not the arc-cosine family: eager chunks
+    assert steps(_same_net(ntkit.Relu(), f2=(3, 5), f3=(3, 5))) is not None  # same padded width 9 twice
+    assert steps(_same_net(ntkit.Relu(), f3=(3, 5))) is None  # padded widths 7 then 9: rows would not line up
+    strided = ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.4), ntkit.Relu(), ntkit.Conv(4, (3, 3), strides=(2, 2)),
+                           ntkit.Relu(), ntkit.GlobalAvgPool(), ntkit.Dense(1))
+    assert steps(strided) is None
+    monkeypatch.setenv("NTKIT_NO_COMPILE", "1")
+    assert steps(_same_net(ntkit.Relu())) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["relu-3x3", "leaky-5x5-nobias", "abs-3x5"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
+    # compiles (a minute on a cold machine); skipped where torch.compile cannot run
+    import warnings
+
+    monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
+    arch = {"relu-3x3": lambda: _same_net(ntkit.Relu()),
+            "leaky-5x5-nobias": lambda: _same_net(ntkit.LeakyRelu(0.1), (5, 5), (5, 5), None),
+            "abs-3x5": lambda: _same_net(ntkit.Abs(), (3, 5), (3, 5))}[case]()
+    x = images.to(dtype)
+    calls = []
+    orig = _conv_gap.compiled_stack
+    monkeypatch.setattr(_conv_gap, "compiled_stack", lambda *a: calls.append(1) or orig(*a))
+    for x2 in (None, x[:3] * 0.7):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = arch.kernel(x, x2, dtype=dtype, fused=True)
+        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
+        if failed:
+            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
+        with monkeypatch.context() as m:
+            m.setattr(_conv_gap, "compiled_plan", lambda *a: None)
+            want = arch.kernel(x, x2, dtype=dtype, fused=False)
+        tol = 1e-12 if dtype == F64 else 2e-5
+        for u, v in zip(want, got):
+            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+    assert calls
+    # parallel inputs (1, 4) stay exactly proportional (bias-free, degree-1 homogeneous) through the compiled loops
+    if case == "leaky-5x5-nobias" and dtype == F64:
+        k = arch.kernel(x, dtype=dtype, fused=True)
+        for t in k:
+            torch.testing.assert_close(t[1, 4], 3.0 * t[1, 1], rtol=1e-13, atol=0)
