@@ -52,11 +52,14 @@ from .activations import ABRelu, Activation
 from .conv import Conv, window_sum
 from .pooling import GlobalAvgPool
 
-__all__ = ["plan", "gap_state", "CHUNK_BYTES"]
+__all__ = ["plan", "gap_state", "compiled_plan", "CHUNK_BYTES", "COMPILED_MIN_NUMBERS"]
 
 # Bytes of one position-pair state tensor per chunk: a handful of such tensors are alive at once, and together
 # they should stay in the last-level cache (measured on a 2 MB-L2 / 105 MB-L3 machine: benchmarks/RESULTS.md).
 CHUNK_BYTES = 8 * 1024**2
+# The compiled stack runs one pair per call (static shapes); below this many position pairs per pair of inputs
+# (28 x 28 images have 614,656, 14 x 14 ones 38,416) its per-call overhead outweighs the chunks' eager passes.
+COMPILED_MIN_NUMBERS = 2e5
 
 
 def plan(layers, switch: int, init: str, parameterization: str) -> int | None:
@@ -286,6 +289,8 @@ def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool):
     """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
     ``size``, or None when it does not apply (then :func:`gap_stack` computes it)."""
     if not (fused and need_ntk and len(size) == 2 and _fused.compile_available()):
+        return None
+    if math.prod(size) ** 2 < COMPILED_MIN_NUMBERS:  # small images: the per-call overhead would dominate
         return None
     body = layers[:-1]
     if len(body) < 4 or len(body) % 2:

@@ -159,6 +159,9 @@ def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
         _, layers = arch._input_plan(x, "gaussian")
         return _conv_gap.compiled_plan(layers[:layers.index(ntkit.GlobalAvgPool()) + 1], size, fused, need_ntk)
 
+    assert steps(_same_net(ntkit.Relu()), size=(28, 28)) is not None
+    assert steps(_same_net(ntkit.Relu()), size=(14, 14)) is None  # small images: the chunks are faster
+    monkeypatch.setattr(_conv_gap, "COMPILED_MIN_NUMBERS", 0)
     ok = steps(_same_net(ntkit.Relu()))
     assert [(s["Ho"], s["Wo"], s["Wp"], s["ph"], s["pw"]) for s in ok] == [(6, 5, 7, 1, 1)] * 2
     assert steps(_same_net(ntkit.Relu()), fused=False) is None
@@ -185,6 +188,7 @@ def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
             "leaky-5x5-nobias": lambda: _same_net(ntkit.LeakyRelu(0.1), (5, 5), (5, 5), None),
             "abs-3x5": lambda: _same_net(ntkit.Abs(), (3, 5), (3, 5))}[case]()
     x = images.to(dtype)
+    monkeypatch.setattr(_conv_gap, "COMPILED_MIN_NUMBERS", 0)  # small test images through the compiled stack
     calls = []
     orig = _conv_gap.compiled_stack
     monkeypatch.setattr(_conv_gap, "compiled_stack", lambda *a: calls.append(1) or orig(*a))
