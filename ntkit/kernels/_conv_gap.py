@@ -52,11 +52,16 @@ from .activations import ABRelu, Activation
 from .conv import Conv, window_sum
 from .pooling import GlobalAvgPool
 
-__all__ = ["plan", "gap_state", "compiled_plan", "CHUNK_BYTES", "COMPILED_MIN_NUMBERS"]
+__all__ = ["plan", "use_chunks", "gap_state", "compiled_plan", "CHUNK_BYTES", "TILE_MIN_BYTES", "COMPILED_MIN_NUMBERS"]
 
 # Bytes of one position-pair state tensor per chunk: a handful of such tensors are alive at once, and together
 # they should stay in the last-level cache (measured on a 2 MB-L2 / 105 MB-L3 machine: benchmarks/RESULTS.md).
 CHUNK_BYTES = 8 * 1024**2
+# The chunks pay off once the layer-by-layer path's tile no longer fits in the last-level cache: a symmetric
+# tile of 4 images of 28 x 28 (10 pairs) holds 25 MB per tensor in float32 (cached: the layer path is ~20%
+# faster there) and 49 MB in float64 (from memory: the chunks are 1.4x, the compiled stack 2x faster).
+# Measured in benchmarks/RESULTS.md.
+TILE_MIN_BYTES = 32 * 1024**2
 # The compiled stack runs one pair per call (static shapes); below this many position pairs per pair of inputs
 # (28 x 28 images have 614,656, 14 x 14 ones 38,416) its per-call overhead outweighs the chunks' eager passes.
 COMPILED_MIN_NUMBERS = 2e5
@@ -85,6 +90,12 @@ def plan(layers, switch: int, init: str, parameterization: str) -> int | None:
     if g == 0 or not isinstance(layers[0], Conv) or switch <= g:
         return None
     return g
+
+
+def use_chunks(pairs: int, per_pair: int, itemsize: int) -> bool:
+    """Whether a tile of ``pairs`` pairs of ``per_pair`` state numbers each is computed in chunks (its state
+    tensor would exceed :data:`TILE_MIN_BYTES`) rather than layer by layer on the whole tile."""
+    return pairs * per_pair * itemsize > TILE_MIN_BYTES
 
 
 def _conv(lay: Conv, S: torch.Tensor, T, shape: tuple):
@@ -170,7 +181,7 @@ def gap_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, n_self: int, 
     the variances of inputs 0 .. n_self - 1, which every pair's inputs must be among). Returns ``(nngp, ntk)``
     of shape ``(len(r1),)`` (``ntk`` None when not needed, or a float when still constant)."""
     n, size, C = a.shape[0], tuple(a.shape[1:-1]), a.shape[-1]
-    steps = compiled_plan(layers, size, fused, need_ntk)
+    steps = compiled_plan(layers, size, fused, need_ntk, a.dtype)
     if steps is not None:
         try:
             return compiled_stack(a, r1, r2, n_self, layers, steps)
@@ -285,10 +296,12 @@ class _Fallback(Exception):
     """The compiled stack cannot take this tile (a zero variance, compilation failed): use the chunks."""
 
 
-def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool):
+def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.float64):
     """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
-    ``size``, or None when it does not apply (then :func:`gap_stack` computes it)."""
-    if not (fused and need_ntk and len(size) == 2 and _fused.compile_available()):
+    ``size``, or None when it does not apply (then :func:`gap_stack` computes it). Float64 only: in float32
+    the arithmetic is cheap enough that the chunks' eager passes are as fast (measured: 0.0145 vs 0.013 CPU s
+    per entry on the 28 x 28 benchmark)."""
+    if not (fused and need_ntk and len(size) == 2 and dtype == torch.float64 and _fused.compile_available()):
         return None
     if math.prod(size) ** 2 < COMPILED_MIN_NUMBERS:  # small images: the per-call overhead would dominate
         return None

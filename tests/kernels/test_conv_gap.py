@@ -16,6 +16,13 @@ from ntkit.kernels import _conv_gap, _fused
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def chunks_for_small_tiles(monkeypatch):
+    # the test images are tiny: compute their tiles in chunks too (the library does so only for tiles whose
+    # state would not fit in the last-level cache)
+    monkeypatch.setattr(_conv_gap, "TILE_MIN_BYTES", 0)
+
+
 def _layer_path(monkeypatch, arch, *args, **kw):
     with monkeypatch.context() as m:
         m.setattr(_conv_gap, "plan", lambda *a: None)
@@ -60,10 +67,10 @@ def test_chunks_equal_the_layer_path(name, images, monkeypatch):
     assert _conv_gap.plan(arch.layers, len(arch.layers), "gaussian", "ntk") is not None
     other = x[:3] * 0.6 + 0.1
     for x2, block, chunk_bytes in [(None, None, None), (None, 4, 1), (other, None, 1), (other, 2, None)]:
-        if chunk_bytes is not None:
-            monkeypatch.setattr(_conv_gap, "CHUNK_BYTES", chunk_bytes)  # one pair per chunk
-        got = arch.kernel(x, x2, dtype=F64, block_size=block)
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            if chunk_bytes is not None:
+                m.setattr(_conv_gap, "CHUNK_BYTES", chunk_bytes)  # one pair per chunk
+            got = arch.kernel(x, x2, dtype=F64, block_size=block)
         want = _layer_path(monkeypatch, arch, x, x2, dtype=F64, block_size=block)
         for u, v in zip(want, got):
             torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
@@ -155,9 +162,10 @@ def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
     monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
     x = torch.zeros(1, 6, 5, 1, dtype=F64)
 
-    def steps(arch, fused=True, need_ntk=True, size=(6, 5)):
+    def steps(arch, fused=True, need_ntk=True, size=(6, 5), dtype=F64):
         _, layers = arch._input_plan(x, "gaussian")
-        return _conv_gap.compiled_plan(layers[:layers.index(ntkit.GlobalAvgPool()) + 1], size, fused, need_ntk)
+        return _conv_gap.compiled_plan(layers[:layers.index(ntkit.GlobalAvgPool()) + 1], size, fused, need_ntk,
+                                       dtype)
 
     assert steps(_same_net(ntkit.Relu()), size=(28, 28)) is not None
     assert steps(_same_net(ntkit.Relu()), size=(14, 14)) is None  # small images: the chunks are faster
@@ -165,6 +173,7 @@ def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
     ok = steps(_same_net(ntkit.Relu()))
     assert [(s["Ho"], s["Wo"], s["Wp"], s["ph"], s["pw"]) for s in ok] == [(6, 5, 7, 1, 1)] * 2
     assert steps(_same_net(ntkit.Relu()), fused=False) is None
+    assert steps(_same_net(ntkit.Relu()), dtype=torch.float32) is None  # float32: the chunks are as fast
     assert steps(_same_net(ntkit.Relu()), need_ntk=False) is None
     assert steps(_same_net(ntkit.Erf())) is None  # not the arc-cosine family: eager chunks
     assert steps(_same_net(ntkit.Relu(), f2=(3, 5), f3=(3, 5))) is not None  # same padded width 9 twice
@@ -178,7 +187,7 @@ def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["relu-3x3", "leaky-5x5-nobias", "abs-3x5"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64])
 def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
     # compiles (a minute on a cold machine); skipped where torch.compile cannot run
     import warnings
@@ -211,3 +220,18 @@ def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
         k = arch.kernel(x, dtype=dtype, fused=True)
         for t in k:
             torch.testing.assert_close(t[1, 4], 3.0 * t[1, 1], rtol=1e-13, atol=0)
+
+
+def test_chunks_only_where_a_tile_leaves_the_cache(monkeypatch):
+    monkeypatch.undo()  # the library's own threshold
+    # a symmetric tile of 4 images of 28 x 28 (10 pairs): 49 MB per state tensor in float64, 25 MB in float32
+    assert _conv_gap.use_chunks(10, 784**2, 8) and not _conv_gap.use_chunks(10, 784**2, 4)
+    calls = []
+    orig = _conv_gap.gap_state
+    monkeypatch.setattr(_conv_gap, "gap_state", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    arch = ARCHS["leaky"]()
+    arch.kernel(torch.randn(3, 6, 5, 1, dtype=F64), dtype=F64)
+    assert not calls  # a small tile: layer by layer
+    monkeypatch.setattr(_conv_gap, "TILE_MIN_BYTES", 0)
+    arch.kernel(torch.randn(3, 6, 5, 1, dtype=F64), dtype=F64)
+    assert calls
