@@ -422,8 +422,8 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
         i, j = r1l[m], r2l[m]
         S0 = torch.baddbmm(b2_0, A1[i:i + 1], A2[j:j + 1], alpha=w2_0)
         Hh, Ww, Wpp, L = geo[0]
-        S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L]
-        T = S
+        S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L].contiguous()
+        T = S.clone()  # Theta = Sigma after the first (trainable) conv; not an alias (aliased inputs cost)
         for li, act in enumerate(acts):
             Hh, Ww, Wpp, L = geo[li]
             if m < n_self:  # the diagonal Sigma(p, p) of a self pair: its input's variances
