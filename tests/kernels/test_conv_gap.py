@@ -235,3 +235,26 @@ def test_chunks_only_where_a_tile_leaves_the_cache(monkeypatch):
     monkeypatch.setattr(_conv_gap, "TILE_MIN_BYTES", 0)
     arch.kernel(torch.randn(3, 6, 5, 1, dtype=F64), dtype=F64)
     assert calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_duals_in_chunks_equal_eager(dtype, images, monkeypatch):
+    # the chunks with the compiled dual and the compiled pooled dual (abrelu_dual_sum); compiles
+    import warnings
+
+    monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
+    monkeypatch.setattr(_conv_gap, "compiled_plan", lambda *a: None)
+    arch = ARCHS["leaky"]()
+    x = images.to(dtype)
+    for x2 in (None, x[:3] * 0.7):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = arch.kernel(x, x2, dtype=dtype, fused=True)
+        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
+        if failed:
+            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
+        want = arch.kernel(x, x2, dtype=dtype, fused=False)
+        tol = 1e-12 if dtype == F64 else 2e-5
+        for u, v in zip(want, got):
+            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
