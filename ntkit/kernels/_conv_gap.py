@@ -26,14 +26,15 @@ tensor), so self-correlations are snapped to exactly 1 as there. The last activa
 step: its dual is summed over all position pairs as it is computed (a compiled reduction when ``fused``), so
 the last state is never written.
 
-With ``fused`` and a 2-D stack of stride-1 trainable convolutions and ReLU-family activations (whose padded
-widths agree), the convolutions and activations are compiled loops over a zero-padded layout instead
+With ``fused``, in float64, for a 2-D stack of stride-1 trainable convolutions and ReLU-family activations
+(whose padded widths agree) on images of at least :data:`COMPILED_MIN_NUMBERS` position pairs, the convolutions and activations are compiled loops over a zero-padded layout instead
 (:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
 and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation,
 one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
 
-Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) when
-:func:`plan` accepts the architecture: Gaussian initialization, NTK parameterization, a first convolution,
+Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) for
+tiles whose layer-by-layer state would exceed :data:`TILE_MIN_BYTES` per tensor (:func:`use_chunks`; smaller
+tiles stay in cache as they are) when :func:`plan` accepts the architecture: Gaussian initialization, NTK parameterization, a first convolution,
 then only convolutions and pointwise activations (each on a convolution's output) up to a
 :class:`~ntkit.GlobalAvgPool`. Anything else (pooling windows, layer normalisation, residual branches, the
 standard parameterization, delta-orthogonal convolutions) keeps the layer-by-layer path. The values equal
@@ -441,7 +442,7 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
             f = ((1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * kk, s2)
             dkey = (float(d0), float(kk), dt, dev.type)
             if li == len(acts) - 1:
-                s, t = _call(("cntk-dual-sum",) + dkey + (S.shape, S.stride(), T is S),
+                s, t = _call(("cntk-dual-sum",) + dkey + (S.shape, S.stride()),
                              lambda: _dual_sum_fn(d0, kk), S, T, *f, masks[li])
                 nngp[m], ntk[m] = s, t
                 break
@@ -449,7 +450,7 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
             PL = st["Hp"] * st["Wp"]
             off = st["ph"] * st["Wp"] + st["pw"]
             padw = (off, PL - off - L, st["pw"], st["Wp"] - st["W"] - st["pw"], st["ph"], st["Hp"] - st["H"] - st["ph"])
-            PS, PT = _call(("cntk-dual",) + dkey + (S.shape, S.stride(), T is S, padw),
+            PS, PT = _call(("cntk-dual",) + dkey + (S.shape, S.stride(), padw),
                            lambda: _dual_into_fn(d0, kk, padw), S, T, *f, masks[li])
             cv = convs[li + 1]
             w2 = cv.W_std**2 / (st["fh"] * st["fw"])
