@@ -44,6 +44,7 @@ that path's to rounding (tested to 1e-12 in float64).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -381,7 +382,6 @@ def _call(key, make, *args):
         return _compiled(key, make)(*args)
     except Exception as err:  # no compiler, unsupported device, ...: the chunked eager path gives the same
         _fused._failed.add(key)
-        import warnings
         warnings.warn(f"ntkit: compiling the fused CNTK layers failed ({type(err).__name__}: "
                       f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
                       RuntimeWarning, stacklevel=3)
