@@ -258,3 +258,20 @@ def test_compiled_duals_in_chunks_equal_eager(dtype, images, monkeypatch):
         tol = 1e-12 if dtype == F64 else 2e-5
         for u, v in zip(want, got):
             torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+
+
+def test_compiled_stack_falls_back_to_the_chunks(images, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(_fused, "_compiled", {})
+    monkeypatch.setattr(_fused, "_failed", set())
+    monkeypatch.setattr(_conv_gap, "COMPILED_MIN_NUMBERS", 0)
+    arch = _same_net(ntkit.Relu())
+    with pytest.warns(RuntimeWarning, match="using eager torch"):
+        got = arch.kernel(images, dtype=F64, fused=True)
+    want = _layer_path(monkeypatch, arch, images, dtype=F64, fused=False)
+    for u, v in zip(want, got):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
