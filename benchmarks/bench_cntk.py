@@ -61,6 +61,13 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
 
     threads = int(os.environ.get("BENCH_CNTK_THREADS", "1"))
     torch.set_num_threads(threads)
+    from ntkit.kernels import _conv_gap
+
+    path = os.environ.get("BENCH_CNTK_GAP_PATH", "auto")  # which computation of a conv stack + GAP
+    if path == "layers":  # layer by layer on whole tiles (the code before the chunked path)
+        _conv_gap.plan = lambda *a: None
+    elif path == "chunks":  # chunks of pairs with eager window sums, no compiled stack
+        _conv_gap.compiled_plan = lambda *a: None
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
     arch = cnn(depth, readout)
     npdt = np.float32 if dtype == "float32" else None
@@ -91,13 +98,16 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
             "peak_extra_rss_bytes": peak * 1024, "memory_budget": budget, "threads": threads}
 
 
-def run_ntkit(args, n, readout, dtype, save, fused=False):
+def run_ntkit(args, n, readout, dtype, save, fused=False, path="auto"):
     cmd = [sys.executable, __file__, "--one",
            json.dumps([n, 28, 28, 1, args.depth, readout, dtype, args.budget, save, fused])]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "BENCH_CNTK_GAP_PATH": path})
     if out.returncode:
         raise RuntimeError(out.stderr)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["gap_path"] = path
+    return res
 
 
 def run_nt(args, n, readout, dtype, save):
@@ -207,7 +217,9 @@ def table(rows):
         m, ref = r["ntkit"], r.get("nt")
         nt = ref["seconds_per_entry"] if ref else float("nan")
         diff = r.get("diff", {})
-        lines.append(f"| {m['readout']} | {m['dtype']} | {m['n']} | {'fused' if m['fused'] else 'eager'} | "
+        label = ("fused" if m["fused"] else "eager") + ("" if m.get("gap_path", "auto") == "auto" else
+                                                         f", {m['gap_path']}")
+        lines.append(f"| {m['readout']} | {m['dtype']} | {m['n']} | {label} | "
                      f"{m['seconds_per_entry']:.3g} | {m.get('cpu_seconds_per_entry', float('nan')):.3g} | "
                      f"{m['cross_seconds_per_entry']:.3g} | {m['first_call_seconds']:.3g} | "
                      f"{nt:.3g} | {nt / m['seconds_per_entry']:.2f}x | {nt / m['cross_seconds_per_entry']:.2f}x | "
@@ -241,6 +253,10 @@ def main():
     ap.add_argument("--mnist-load-train", help=".npz with k_train_train from an earlier --save")
     ap.add_argument("--mnist-load-test", help=".npz with k_test_train from an earlier --save")
     ap.add_argument("--save", help="save the MNIST train Gram, test x train kernel, inputs and labels to this .npz")
+    ap.add_argument("--gap-paths", default="auto",
+                    help="comma list of GAP computations to time side by side: auto (the library's choice), "
+                         "layers (layer by layer on whole tiles, as before the chunked path), chunks (chunked, "
+                         "eager window sums)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ["BENCH_CNTK_THREADS"] = str(args.threads)  # read by the --one subprocesses
@@ -256,9 +272,11 @@ def main():
                 if not (args.skip_nt or not args.nt):
                     ref = run_nt(args, n, readout, dtype, str(tmp / f"nt_{readout}_{dtype}.npz"))
                     print(json.dumps(ref), flush=True)
-                for fused in {"both": (False, True), "on": (True,), "off": (False,)}[args.fused]:
-                    save = str(tmp / f"ntkit_{readout}_{dtype}_{fused}.npz")
-                    mine = run_ntkit(args, n, readout, dtype, save, fused)
+                runs = [(f, p) for f in {"both": (False, True), "on": (True,), "off": (False,)}[args.fused]
+                        for p in (args.gap_paths.split(",") if readout == "gap" else ["auto"])]
+                for fused, path in runs:
+                    save = str(tmp / f"ntkit_{readout}_{dtype}_{fused}_{path}.npz")
+                    mine = run_ntkit(args, n, readout, dtype, save, fused, path)
                     print(json.dumps(mine), flush=True)
                     row = {"ntkit": mine, "nt": ref}
                     if ref is not None:

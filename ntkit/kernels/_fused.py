@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["abrelu_dual_math", "abrelu_dual", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available", "acos_poly"]
+__all__ = ["abrelu_dual_math", "abrelu_dual", "abrelu_dual_sum", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available", "acos_poly"]
 
 # fused=None fuses when a kernel computation handles at least this many state numbers per layer
 # (pairs of inputs x numbers per pair): from there the eager passes cost minutes and a one-time
@@ -116,10 +116,10 @@ def _abrelu_dual_poly(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2, acos=acos_poly)
 
 
-def _compiled_fn(name, fn):
+def _compiled_fn(name, fn, dynamic: bool = True):
     f = _compiled.get(name)
     if f is None:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = torch.compile(fn, dynamic=dynamic, fullgraph=True)
 
         def f(*args):
             # Python floats (polynomial coefficients, slopes) as compile-time constants: otherwise
@@ -146,3 +146,27 @@ def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None
                           f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
                           RuntimeWarning, stacklevel=2)
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
+
+
+def _abrelu_dual_sum_poly(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
+    out, t = abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, acos=acos_poly)
+    dims = tuple(range(1, cov.ndim))
+    return out.sum(dim=dims), (None if ntk is None else t.sum(dim=dims))
+
+
+def abrelu_dual_sum(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
+    """The sums over all axes but the first of both results of :func:`abrelu_dual_math`: the dual followed
+    by a (global average) pooling in one compiled loop that never writes the dual's outputs. ``ntk=None``:
+    ``(sum of Sigma', None)``. Eager when compilation is unavailable or failed once in this process."""
+    key = ("abrelu_sum", cov.dtype, cov.device.type, ntk is None)
+    if compile_available() and key not in _failed:
+        try:
+            return _compiled_fn(key, _abrelu_dual_sum_poly)(cov, ntk, r1, r2, s1k, s2, d0, k)
+        except Exception as err:  # no compiler, unsupported device, ...: the eager expression is the same
+            _failed.add(key)
+            warnings.warn(f"ntkit: compiling the fused arc-cosine kernel failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
+                          RuntimeWarning, stacklevel=2)
+    out, t = abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k)
+    dims = tuple(range(1, cov.ndim))
+    return out.sum(dim=dims), (None if ntk is None else t.sum(dim=dims))

@@ -15,7 +15,7 @@ import numpy as np
 from .._progress import progress
 from .._validation import (ConfigError, as_float_tensor, check_memory, check_pair, empty_output, format_bytes,
                            available_memory_bytes, resolve_dtype)
-from . import recurrent
+from . import _conv_gap, recurrent
 from ._fused import auto_fuse
 from ._state import KernelState, drop_pixel_pairs, input_state
 from .base import KernelFunction
@@ -555,6 +555,8 @@ class Architecture:
         outs = {name: empty_output((n1, n2), t1.dtype, t1.device) for name in names}
         ctx = KernelContext(self.parameterization, init,
                             auto_fuse(fused, n1 * (n1 + 1) // 2 if same else n1 * n2, per))
+        # conv stacks ending in global average pooling: chunks of pairs through all layers, in cache
+        gap = _conv_gap.plan(layers, switch, init, self.parameterization) if t1.ndim > 2 else None
         tiles = [(i0, j0) for i0 in range(0, n1, block) for j0 in range(i0 if same else 0, n2, block)]
         show = len(tiles) > 1 if progress_flag is None else progress_flag
         for i0, j0 in progress(tiles, desc="kernel tiles", unit="tile", enabled=show):
@@ -562,9 +564,15 @@ class Architecture:
             diag_tile = same and i0 == j0
             # a spatial tile of inputs with themselves: only the pairs i <= j (symmetric_tile_pairs)
             pairs = symmetric_tile_pairs(i1 - i0, t1.device) if diag_tile and per > 1 else None
-            st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=pairs is not None,
-                             pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1), pairs=pairs)
-            st = self._run(st, ctx, switch, layers)
+            n_pairs = (i1 - i0) * (i1 - i0 + 1) // 2 if pairs is not None else (i1 - i0) * (j1 - j0)
+            if gap is not None and _conv_gap.use_chunks(n_pairs, per, item):
+                st = _conv_gap.gap_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairs, layers[:gap + 1],
+                                         ctx.fused, need_ntk)
+                st = self._run(st, ctx, switch - gap - 1, layers[gap + 1:])
+            else:
+                st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=pairs is not None,
+                                 pixel_pairs=switch > 0, need_ntk=need_ntk, width=self._width0(t1), pairs=pairs)
+                st = self._run(st, ctx, switch, layers)
             for name in names:
                 tile = self._field(st, name, st.nngp)
                 if not bool(torch.isfinite(tile.sum())):  # NaN/Inf propagate through the sum
