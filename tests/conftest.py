@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,6 @@ def gauss_hermite_2d(f, g, var1, var2, cov, deg=120):
 def adaptive_gaussian_expectation(f, g, var1, var2, rho):
     """E[f(u) g(v)] by nested adaptive quadrature (scipy.integrate.quad) over the conditional
     decomposition v = sqrt(var2) (rho z1 + sqrt(1 - rho^2) z2): slow, accurate, independent."""
-    import warnings
 
     from scipy import integrate
 
@@ -74,6 +75,23 @@ def derivative(fn):
         return g.detach()
 
     return d
+
+
+def assert_fused_equals_eager(arch, x, x2, dtype, eager=None):
+    """``arch.kernel(x, x2, fused=True)`` (compiled) equals the eager ``fused=False`` result (1e-12 in float64,
+    2e-5 in float32); skips the test where torch.compile cannot run. ``eager``: an optional context manager
+    around the eager reference call (e.g. one that switches a compiled path off)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = arch.kernel(x, x2, dtype=dtype, fused=True)
+    failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
+    if failed:
+        pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
+    with eager if eager is not None else contextlib.nullcontext():
+        want = arch.kernel(x, x2, dtype=dtype, fused=False)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for u, v in zip(want, got):
+        torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ computed pair by pair, without symmetry), and the eager dual of ABRelu.
 """
 
 import math
-import warnings
 
 import pytest
 import torch
 
 import ntkit
+from conftest import assert_fused_equals_eager
 from ntkit.kernels import _fused
 from ntkit.kernels.architecture import symmetric_tile_pairs
 
@@ -195,13 +195,4 @@ def test_compiled_fused_dual_equals_eager(images, dtype, name, monkeypatch):
     arch = ARCHS[name]()
     x = images.to(dtype)
     for x2 in (None, x[:4] * 0.7):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            b = arch.kernel(x, x2, dtype=dtype, fused=True)
-        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
-        if failed:
-            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
-        a = arch.kernel(x, x2, dtype=dtype, fused=False)
-        tol = 1e-12 if dtype == torch.float64 else 2e-5
-        for u, v in zip(a, b):
-            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+        assert_fused_equals_eager(arch, x, x2, dtype)

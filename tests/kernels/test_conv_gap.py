@@ -5,15 +5,25 @@ chunked path switched off), to rounding; the neural-tangents reference cases (te
 through the chunked path as well.
 """
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 import ntkit
+from conftest import assert_fused_equals_eager
 from ntkit.kernels import _conv_gap, _fused
 
 F64 = torch.float64
+
+
+@contextlib.contextmanager
+def _eager_chunks(monkeypatch):
+    """The chunked path without the compiled conv loops (the reference of the compiled stack)."""
+    with monkeypatch.context() as m:
+        m.setattr(_conv_gap, "compiled_plan", lambda *a: None)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -190,8 +200,6 @@ def test_compiled_plan_takes_only_what_it_computes(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64])
 def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
     # compiles (a minute on a cold machine); skipped where torch.compile cannot run
-    import warnings
-
     monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
     arch = {"relu-3x3": lambda: _same_net(ntkit.Relu()),
             "leaky-5x5-nobias": lambda: _same_net(ntkit.LeakyRelu(0.1), (5, 5), (5, 5), None),
@@ -202,18 +210,7 @@ def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
     orig = _conv_gap.compiled_stack
     monkeypatch.setattr(_conv_gap, "compiled_stack", lambda *a: calls.append(1) or orig(*a))
     for x2 in (None, x[:3] * 0.7):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = arch.kernel(x, x2, dtype=dtype, fused=True)
-        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
-        if failed:
-            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
-        with monkeypatch.context() as m:
-            m.setattr(_conv_gap, "compiled_plan", lambda *a: None)
-            want = arch.kernel(x, x2, dtype=dtype, fused=False)
-        tol = 1e-12 if dtype == F64 else 2e-5
-        for u, v in zip(want, got):
-            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+        assert_fused_equals_eager(arch, x, x2, dtype, eager=_eager_chunks(monkeypatch))
     assert calls
     # parallel inputs (1, 4) stay exactly proportional (bias-free, degree-1 homogeneous) through the compiled loops
     if case == "leaky-5x5-nobias" and dtype == F64:
@@ -241,23 +238,12 @@ def test_chunks_only_where_a_tile_leaves_the_cache(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_duals_in_chunks_equal_eager(dtype, images, monkeypatch):
     # the chunks with the compiled dual and the compiled pooled dual (abrelu_dual_sum); compiles
-    import warnings
-
     monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
     monkeypatch.setattr(_conv_gap, "compiled_plan", lambda *a: None)
     arch = ARCHS["leaky"]()
     x = images.to(dtype)
     for x2 in (None, x[:3] * 0.7):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            got = arch.kernel(x, x2, dtype=dtype, fused=True)
-        failed = [str(w.message) for w in caught if "using eager torch" in str(w.message)]
-        if failed:
-            pytest.skip(f"torch.compile is not available on this machine: {failed[0]}")
-        want = arch.kernel(x, x2, dtype=dtype, fused=False)
-        tol = 1e-12 if dtype == F64 else 2e-5
-        for u, v in zip(want, got):
-            torch.testing.assert_close(v, u, rtol=tol, atol=tol * float(u.abs().max()))
+        assert_fused_equals_eager(arch, x, x2, dtype)
 
 
 def test_compiled_stack_falls_back_to_the_chunks(images, monkeypatch):
