@@ -238,11 +238,11 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
           f"residual {info.residual[0]:.1e}, times {row['times']}), tuning {t_tune:.1f} s ({tinfo.iterations} it "
           f"for {len(grid)} lambdas); validation {['%.4f' % e for e in errs]}", flush=True)
     if m in args.cg_plain:  # the same final solve without the preconditioner (iterations and time only)
-        (w2, info2), t2 = timed(lambda: feature_ridge(fm, x, y, lam, solver="cg", tol=cg_tol, preconditioner=None,
+        (_, info2), t2 = timed(lambda: feature_ridge(fm, x, y, lam, solver="cg", tol=cg_tol, preconditioner=None,
                                                       max_iter=2000, return_info=True))
         with warnings.catch_warnings():  # the grid's small lambdas need far more: capped, the residual reported
             warnings.simplefilter("ignore", RuntimeWarning)
-            (w3, info3), t3 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
+            (_, info3), t3 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
                                                           tol=cg_tol, preconditioner=None,
                                                           max_iter=args.cg_plain_max_iter, return_info=True))
         row["unpreconditioned"] = {"iterations": info2.iterations, "residual": info2.residual, "time_s": t2,
@@ -253,7 +253,7 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
               f"{info3.iterations} it for the grid on all {len(x)} ({t3:.1f} s, residuals "
               f"{['%.1e' % v for v in info3.residual]})", flush=True)
         # the grid with the preconditioner: all lambdas in one CG run vs one run per lambda
-        (w4, info4), t4 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
+        (_, info4), t4 = timed(lambda: feature_ridge(fm, x, y, [r * mean_diag for r in grid], solver="cg",
                                                       tol=cg_tol, rank=args.cg_rank, max_iter=1000,
                                                       return_info=True))
         sep = []

@@ -147,9 +147,9 @@ class NTKRegressor(RegressorMixin, _KernelModel):
         the fly and a rank-``n_centers`` Nystrom preconditioner; "nystrom": FALKON on ``n_centers`` centers
         (Rudi et al. 2017); "features": ridge regression on ``n_random_features`` NTK/NNGP random features
         (Han et al. 2021; fully-connected ReLU networks), by the m x m normal equations or, from 8192
-        features on, by matrix-free Nystrom-preconditioned CG (``ntkit.solvers.feature_ridge``). "auto": "cholesky" when ``t`` is set or the
-        n x n matrix fits (n <= 20 000), else "features" for n >= 200 000 when the kernel has them, else
-        "nystrom" (``ntkit.solvers.choose_solver``).
+        features on, by matrix-free Nystrom-preconditioned CG (``ntkit.solvers.feature_ridge``). "auto":
+        "cholesky" when ``t`` is set or the n x n matrix fits (n <= 20 000), else "features" for
+        n >= 200 000 when the kernel has them, else "nystrom" (``ntkit.solvers.choose_solver``).
     n_centers : int, optional
         Nystrom centers / preconditioner rank (default min(n, max(100, 5 sqrt(n)))).
     n_random_features : int, optional

@@ -27,14 +27,16 @@ step: its dual is summed over all position pairs as it is computed (a compiled r
 the last state is never written.
 
 With ``fused``, in float64, for a 2-D stack of stride-1 trainable convolutions and ReLU-family activations
-(whose padded widths agree) on images of at least :data:`COMPILED_MIN_NUMBERS` position pairs, the convolutions and activations are compiled loops over a zero-padded layout instead
+(whose padded widths agree) on images of at least :data:`COMPILED_MIN_NUMBERS` position pairs, the
+convolutions and activations are compiled loops over a zero-padded layout instead
 (:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
 and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation,
 one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
 
 Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) for
 tiles whose layer-by-layer state would exceed :data:`TILE_MIN_BYTES` per tensor (:func:`use_chunks`; smaller
-tiles stay in cache as they are) when :func:`plan` accepts the architecture: Gaussian initialization, NTK parameterization, a first convolution,
+tiles stay in cache as they are) when :func:`plan` accepts the architecture: Gaussian initialization, NTK
+parameterization, a first convolution,
 then only convolutions and pointwise activations (each on a convolution's output) up to a
 :class:`~ntkit.GlobalAvgPool`. Anything else (pooling windows, layer normalisation, residual branches, the
 standard parameterization, delta-orthogonal convolutions) keeps the layer-by-layer path. The values equal
@@ -156,7 +158,8 @@ def _activation(act: Activation, S, T, q1, q2, fused: bool, pool: bool):
                 s, t = _fused.abrelu_dual_sum(S, T, *f)
                 m = S.shape[1] * S.shape[2]
                 return s / m, (None if T is None else t / m)
-            return _fused.abrelu_dual(S, T, *f)
+            o, t = _fused.abrelu_dual(S, T, *f)
+            return o, (None if T is None else t)  # T = None: the second output is the derivative, not needed
     out, dot = act.dual(S, q1, q2, derivative=T is not None)
     if T is None:
         ntk = None
@@ -301,8 +304,8 @@ class _Fallback(Exception):
 def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.float64):
     """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
     ``size``, or None when it does not apply (then :func:`gap_stack` computes it). Float64 only: in float32
-    the arithmetic is cheap enough that the chunks' eager passes are as fast (measured: 0.0145 vs 0.013 CPU s
-    per entry on the 28 x 28 benchmark)."""
+    the arithmetic is cheap enough that the chunks' eager passes are as fast (measured on the 28 x 28
+    benchmark of ``benchmarks/bench_cntk.py --gap-paths``)."""
     if not (fused and need_ntk and len(size) == 2 and dtype == torch.float64 and _fused.compile_available()):
         return None
     if math.prod(size) ** 2 < COMPILED_MIN_NUMBERS:  # small images: the per-call overhead would dominate
@@ -422,14 +425,14 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
     for m in range(P):
         i, j = r1l[m], r2l[m]
         S0 = torch.baddbmm(b2_0, A1[i:i + 1], A2[j:j + 1], alpha=w2_0)
-        Hh, Ww, Wpp, L = geo[0]
+        L = geo[0][3]
         S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L].contiguous()
         T = S.clone()  # Theta = Sigma after the first (trainable) conv; not an alias (aliased inputs cost)
         for li, act in enumerate(acts):
             Hh, Ww, Wpp, L = geo[li]
             if m < n_self:  # the diagonal Sigma(p, p) of a self pair: its input's variances
-                records[li][m] = torch.as_strided(S, (Hh, Ww), (S.stride(1) + Wpp, S.stride(2) + 1),
-                                                  S.storage_offset())
+                records[li][m] = torch.as_strided(S, (Hh, Ww), (S.stride(1) + Wpp * S.stride(3),
+                                                                 S.stride(2) + S.stride(3)), S.storage_offset())
             q1, q2 = records[li][i], records[li][j]
             if bool((q1 <= 0).any()) or bool((q2 <= 0).any()):
                 raise _Fallback

@@ -20,7 +20,8 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["abrelu_dual_math", "abrelu_dual", "abrelu_dual_sum", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available", "acos_poly"]
+__all__ = ["abrelu_dual_math", "abrelu_dual", "abrelu_dual_sum", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available",
+           "acos_poly"]
 
 # fused=None fuses when a kernel computation handles at least this many state numbers per layer
 # (pairs of inputs x numbers per pair): from there the eager passes cost minutes and a one-time
@@ -154,7 +155,9 @@ def _abrelu_dual_sum_poly(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
     return out.sum(dim=dims), (None if ntk is None else t.sum(dim=dims))
 
 
-def abrelu_dual_sum(cov, ntk, r1, r2, s1k, s2, d0: float, k: float):
+def abrelu_dual_sum(cov: torch.Tensor, ntk: torch.Tensor | None, r1: torch.Tensor, r2: torch.Tensor,
+                    s1k: torch.Tensor, s2: torch.Tensor, d0: float, k: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sums over all axes but the first of both results of :func:`abrelu_dual_math`: the dual followed
     by a (global average) pooling in one compiled loop that never writes the dual's outputs. ``ntk=None``:
     ``(sum of Sigma', None)``. Eager when compilation is unavailable or failed once in this process."""

@@ -565,7 +565,7 @@ class Architecture:
             # a spatial tile of inputs with themselves: only the pairs i <= j (symmetric_tile_pairs)
             pairs = symmetric_tile_pairs(i1 - i0, t1.device) if diag_tile and per > 1 else None
             n_pairs = (i1 - i0) * (i1 - i0 + 1) // 2 if pairs is not None else (i1 - i0) * (j1 - j0)
-            if gap is not None and _conv_gap.use_chunks(n_pairs, per, item):
+            if gap is not None and per > 1 and _conv_gap.use_chunks(n_pairs, per, item):
                 st = _conv_gap.gap_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairs, layers[:gap + 1],
                                          ctx.fused, need_ntk)
                 st = self._run(st, ctx, switch - gap - 1, layers[gap + 1:])

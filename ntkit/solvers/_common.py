@@ -115,7 +115,7 @@ def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, pro
     z = precond(r) if precond is not None else r
     p = z.clone()
     rz = (r * z).sum(0)
-    hist = [1.0]
+    hist = [float((r.norm(dim=0) / bnorm).max())]  # 0 for b = 0: x = 0 is exact
     it = 0
     with _progress(total=max_iter, desc=desc, unit="it", enabled=progress) as bar:
         for it in range(1, max_iter + 1):

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .._validation import available_memory_bytes, check_memory, empty_output
@@ -82,10 +83,12 @@ class FeatureRidgeInfo:
 
 def _lams(lam: Any) -> tuple[list[float], bool]:
     """(list of lambdas, was a sequence); each a finite number >= 0."""
-    many = not isinstance(lam, numbers.Real) or isinstance(lam, bool)
-    seq = list(lam) if many else [lam]
-    if isinstance(lam, torch.Tensor):
+    if isinstance(lam, (torch.Tensor, np.ndarray)):
+        many = lam.ndim > 0
         seq = [float(v) for v in lam.reshape(-1)]
+    else:
+        many = not isinstance(lam, numbers.Real) or isinstance(lam, bool)
+        seq = list(lam) if many else [lam]
     if not seq:
         raise ValueError("lam is an empty sequence; pass one lambda >= 0 or a non-empty list of them")
     for v in seq:
@@ -94,13 +97,37 @@ def _lams(lam: Any) -> tuple[list[float], bool]:
     return [float(v) for v in seq], many
 
 
+def _phi_fits(n: int, m: int, item: int, budget: float, rank: int = DEFAULT_RANK) -> bool:
+    """Whether CG keeps the (n, m) features in memory: they must fit half of what the budget leaves after
+    the rank-``rank`` preconditioner (the one rule of :func:`choose_feature_solver` and of the CG itself)."""
+    r = min(n, rank)
+    return n * m * item <= 0.5 * (budget - (3 * r * m * 8 + 2 * r * r * 8))
+
+
 def choose_feature_solver(n: int, m: int, item: int, memory_budget: float | None = None, device=None) -> str:
-    """The feature solver "auto" takes: "cg" when m >= 8192 (``CG_MIN_FEATURES``) and the (n, m) features fit
-    half the memory budget, or when the m x m normal matrix does not fit; "direct" otherwise."""
+    """The feature solver that ``solver="auto"`` takes.
+
+    Parameters
+    ----------
+    n, m : int
+        Rows and features of Phi.
+    item : int
+        Bytes per feature value (4 for float32, 8 for float64).
+    memory_budget : float, optional
+        Bytes; default 90% of the free memory of ``device``.
+    device : torch.device, optional
+        Where the features live (the budget's default is that device's free memory).
+
+    Returns
+    -------
+    str
+        "cg" when m >= ``CG_MIN_FEATURES`` (8192) and Phi fits in memory for the CG, or when the m x m
+        float64 normal matrix does not fit at all; "direct" otherwise.
+    """
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(device)
     if 3 * m * m * 8 > budget:
         return "cg"
-    if m >= CG_MIN_FEATURES and n * m * item <= 0.5 * budget:
+    if m >= CG_MIN_FEATURES and _phi_fits(n, m, item, budget):
         return "cg"
     return "direct"
 
@@ -109,7 +136,9 @@ def _direct(feature_map: FeatureMap, x: Any, y: torch.Tensor, lams: list[float],
             info: FeatureRidgeInfo) -> torch.Tensor:
     """w for every lambda from the normal equations (one Cholesky, or one eigendecomposition for several)."""
     m = feature_map.n_components_
-    check_memory(3 * m * m * 8, budget if budget is not None else 0.9 * available_memory_bytes(),
+    if budget is None:
+        budget = 0.9 * available_memory_bytes(feature_map.device)
+    check_memory(3 * m * m * 8, budget,
                  f"the {m}x{m} float64 normal equations of feature ridge",
                  "use solver='cg' (matrix-free), fewer features, or a larger memory_budget")
     t0 = time.perf_counter()
@@ -213,7 +242,7 @@ class _Nystrom:
         r = phi_s.shape[0]
         gram = phi_s @ phi_s.T
         s2, v = torch.linalg.eigh(0.5 * (gram + gram.T))
-        keep = s2 > 1e-10 * float(s2.max().clamp_min(1e-300))
+        keep = s2 > 1e-10 * float(s2.max().clamp_min(1e-300)) if s2.numel() else s2 > 0
         s2, v = s2[keep], v[:, keep]
         self.phi_s, self.coef = phi_s, v / s2.sqrt()  # U = phi_s^T coef
         self.lam_hat = (n / r) * s2
@@ -294,12 +323,14 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
     if not isinstance(y, torch.Tensor) or y.ndim != 2:
         raise ValueError("y must be a 2-d tensor (n, k) of targets; reshape 1-d targets to (n, 1)")
     n, m = len(x), feature_map.n_components_
+    if n == 0:
+        raise ValueError("x is empty; pass at least one row")
     if y.shape[0] != n:
         raise ValueError(f"y has {y.shape[0]} rows but x has {n}; pass one target row per input row")
     dtype = feature_map.dtype_
     item = torch.finfo(dtype).bits // 8
     if solver == "auto":
-        solver = choose_feature_solver(n, m, item, memory_budget)
+        solver = choose_feature_solver(n, m, item, memory_budget, feature_map.device)
     info = FeatureRidgeInfo(solver=solver)
     if solver == "direct":
         w = _direct(feature_map, x, y, lams, memory_budget, info)
@@ -318,7 +349,7 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive integer (rows sampled for the preconditioner), got {rank!r}")
-    budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes()
+    budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(feature_map.device)
     r = min(n, rank if rank is not None else DEFAULT_RANK) if preconditioner else 0
     pre_bytes = 3 * r * m * 8 + 2 * r * r * 8
     check_memory(pre_bytes + 8 * m * y.shape[1] * len(lams) * 8, budget,
@@ -340,7 +371,7 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
         idx = torch.randperm(n, generator=gen)[:r].sort().values
         nys = _Nystrom(ops.rows(idx).to(b.device), n)
         info.rank = nys.rank
-        precond = nys(mus)
+        precond = nys(mus) if nys.rank else None  # all sampled rows zero: plain CG
     info.times["preconditioner"] = time.perf_counter() - t0
 
     def matvec(v, idx):  # columns idx only: systems that converged cost no more passes over Phi
@@ -349,7 +380,8 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
     t0 = time.perf_counter()
     w, it, hist = pcg(matvec, rhs, precond, tol=tol, max_iter=max_iter, progress=progress,
                       desc="feature ridge CG" + (" (Nystrom precond.)" if r else ""), columns=True)
-    res = (rhs - matvec(w, torch.arange(w.shape[1]))).norm(dim=0) / rhs.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    tiny = torch.finfo(torch.float64).tiny
+    res = (rhs - matvec(w, torch.arange(w.shape[1]))).norm(dim=0) / rhs.norm(dim=0).clamp_min(tiny)
     info.times["solve"] = time.perf_counter() - t0
     info.iterations, info.history, info.tol = it, hist, tol
     info.residual = [float(v) for v in res.reshape(len(lams), k).max(1).values]

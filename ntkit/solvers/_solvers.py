@@ -23,9 +23,9 @@ from ..features import NTKRandomFeatures
 from ..features._base import FeatureMap, make_generator
 from ..features._plan import read_architecture
 from ..kernels.base import KernelFunction
-from ._feature_ridge import FEATURE_SOLVERS, FeatureRidgeInfo, feature_ridge
 from ._common import (_psd_solve, as_inputs, as_kernel, as_targets, blockwise_matmul, kernel_blocks, pcg,
                       regularization, row_block)
+from ._feature_ridge import FEATURE_SOLVERS, FeatureRidgeInfo, feature_ridge
 
 __all__ = ["SOLVERS", "KernelRidgeSolution", "FeatureRidgeSolution", "kernel_ridge", "choose_solver",
            "cholesky", "conjugate_gradient", "falkon", "feature_ridge", "default_centers"]
@@ -344,6 +344,9 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if feature_solver not in FEATURE_SOLVERS:
+        raise ValueError(f"feature_solver must be one of {FEATURE_SOLVERS}, got {feature_solver!r} (it is used "
+                         "by solver='features')")
     kf = as_kernel(kernel, get)
     xt = as_inputs(x, "x", dtype=dtype, device=device)
     n = xt.shape[0]
@@ -365,8 +368,6 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
                                    random_state=random_state, dtype=xt.dtype, progress=progress)
         if not hasattr(fm, "n_features_in_"):
             fm.fit(xt)
-        if feature_solver not in FEATURE_SOLVERS:
-            raise ValueError(f"feature_solver must be one of {FEATURE_SOLVERS}, got {feature_solver!r}")
         w, info = feature_ridge(fm, xt, yt, lam, solver=feature_solver, tol=tol, max_iter=max_iter,
                                 random_state=0 if random_state is None else random_state,
                                 memory_budget=memory_budget, progress=progress, return_info=True)

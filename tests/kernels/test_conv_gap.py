@@ -161,6 +161,23 @@ def test_fused_chunks_equal_eager_without_compiler(images, monkeypatch):
             torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
 
 
+def test_one_pixel_images_and_the_fused_nngp_alone(monkeypatch):
+    # 1 x 1 images (one position pair per pair of inputs: no pairs of positions, the diagonal layout) with a
+    # large block: the layer path, not the chunks; and get="nngp" through the fused (eager-fallback) dual
+    arch = ntkit.serial(ntkit.Conv(4, (1, 1), W_std=1.3, b_std=0.1), ntkit.Relu(), ntkit.GlobalAvgPool(),
+                        ntkit.Dense(1, 1.0, 0.1))
+    x = torch.randn(5, 1, 1, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = arch.kernel(x, dtype=F64, block_size=4096)
+    flat = ntkit.serial(ntkit.Dense(4, 1.3, 0.1), ntkit.Relu(), ntkit.Dense(1, 1.0, 0.1)).kernel(x[:, 0, 0], dtype=F64)
+    for u, v in zip(flat, got):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+    monkeypatch.setenv("NTKIT_NO_COMPILE", "1")
+    net = ARCHS["leaky"]()
+    imgs = torch.randn(4, 7, 5, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    want = _layer_path(monkeypatch, net, imgs, get="nngp", dtype=F64, fused=False)
+    torch.testing.assert_close(net.kernel(imgs, get="nngp", dtype=F64, fused=True), want, rtol=1e-12, atol=1e-14)
+
+
 # -- the compiled stack (fused=True): padded layout, one compiled loop per conv and per activation ------------
 def _same_net(act, f2=(3, 3), f3=(3, 3), b_std=0.05):
     return ntkit.serial(ntkit.Conv(4, (3, 3), W_std=1.4, b_std=b_std), act,

@@ -4,6 +4,8 @@ features kept in memory or recomputed, float32 accuracy, and the errors."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -152,6 +154,24 @@ def test_bad_input(data):
     with pytest.warns(RuntimeWarning, match="stopped after 2 iterations"):
         _, info = feature_ridge(fm, x, y, 1e-6 * md, solver="cg", max_iter=2, preconditioner=None, return_info=True)
     assert not info.converged
+
+
+def test_edge_cases(data):
+    x, y, fm, phi, md = data
+    # zero targets: w = 0 is exact, converged after 0 iterations, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        w, info = feature_ridge(fm, x, torch.zeros_like(y), md, solver="cg", return_info=True)
+    assert info.converged and info.iterations == 0 and float(w.abs().max()) == 0.0
+    # a 0-d tensor or array lambda is one lambda
+    want = feature_ridge(fm, x, y, 0.1 * md, solver="direct")
+    for lam in (torch.tensor(0.1 * md, dtype=torch.float64), np.array(0.1 * md)):
+        got = feature_ridge(fm, x, y, lam, solver="direct")
+        assert got.shape == want.shape and _rel(got, want) < 1e-12
+    with pytest.raises(ValueError, match="empty"):
+        feature_ridge(fm, x[:0], y[:0], 1.0, solver="cg")
+    with pytest.raises(ValueError, match="feature_solver"):
+        kernel_ridge(ARCH, x, y, solver="cholesky", feature_solver="qr")
 
 
 def test_regressor_takes_cg_for_many_features():
