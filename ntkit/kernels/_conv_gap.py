@@ -46,7 +46,6 @@ that path's to rounding (tested to 1e-12 in float64).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -332,13 +331,6 @@ def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.
     return steps
 
 
-def _compiled(key, make):
-    f = _fused._compiled.get(key)
-    if f is None:
-        f = _fused._compiled_fn(key, make(), dynamic=False)
-    return f
-
-
 def _wsum_fn(st, w2: float, b2: float):
     Ho, Wo, Wp, fh, fw, ph, pw = st["Ho"], st["Wo"], st["Wp"], st["fh"], st["fw"], st["ph"], st["pw"]
     L = (Ho - 1) * Wp + Wo
@@ -379,16 +371,11 @@ def _dual_sum_fn(d0: float, k: float):
 
 
 def _call(key, make, *args):
-    if key in _fused._failed:
+    """The compiled loop of ``key``; :class:`_Fallback` (to the chunked eager path) when it cannot run."""
+    out = _fused.run_compiled(key, make, args, "fused CNTK layers", dynamic=False, stacklevel=4)
+    if out is _fused.NOT_COMPILED:
         raise _Fallback
-    try:
-        return _compiled(key, make)(*args)
-    except Exception as err:  # no compiler, unsupported device, ...: the chunked eager path gives the same
-        _fused._failed.add(key)
-        warnings.warn(f"ntkit: compiling the fused CNTK layers failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
-                      RuntimeWarning, stacklevel=3)
-        raise _Fallback from err
+    return out
 
 
 def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["abrelu_dual_math", "abrelu_dual", "abrelu_dual_sum", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available",
-           "acos_poly"]
+           "acos_poly", "run_compiled", "NOT_COMPILED"]
 
 # fused=None fuses when a kernel computation handles at least this many state numbers per layer
 # (pairs of inputs x numbers per pair): from there the eager passes cost minutes and a one-time
@@ -134,18 +134,34 @@ def _compiled_fn(name, fn, dynamic: bool = True):
     return f
 
 
+#: what :func:`run_compiled` returns when the compiled function cannot run (the caller computes eagerly)
+NOT_COMPILED = object()
+
+
+def run_compiled(key, make, args: tuple, what: str, *, dynamic: bool = True, stacklevel: int = 3):
+    """``make()`` compiled once per ``key`` and called on ``args``; :data:`NOT_COMPILED` when compilation is
+    disabled, or failed (once per key and process: then it warns, naming ``what``, and is not retried)."""
+    if not compile_available() or key in _failed:
+        return NOT_COMPILED
+    try:
+        f = _compiled.get(key)
+        return (f if f is not None else _compiled_fn(key, make(), dynamic))(*args)
+    except Exception as err:  # no compiler, unsupported device, ...: the caller's eager path gives the same
+        _failed.add(key)
+        warnings.warn(f"ntkit: compiling the {what} failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
+                      RuntimeWarning, stacklevel=stacklevel)
+        return NOT_COMPILED
+
+
 def abrelu_dual(cov, ntk, r1, r2, s1k, s2, d0: float, k: float, i1=None, i2=None):
     """:func:`abrelu_dual_math`, compiled (one pass; inputs made contiguous-friendly by the caller), or
     eager when compilation is unavailable or failed once in this process."""
     key = ("abrelu", cov.dtype, cov.device.type, ntk is None, i1 is None, i2 is None)
-    if compile_available() and key not in _failed:
-        try:
-            return _compiled_fn(key, _abrelu_dual_poly)(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
-        except Exception as err:  # no compiler, unsupported device, ...: the eager expression is the same
-            _failed.add(key)
-            warnings.warn(f"ntkit: compiling the fused arc-cosine kernel failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
-                          RuntimeWarning, stacklevel=2)
+    out = run_compiled(key, lambda: _abrelu_dual_poly, (cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2),
+                       "fused arc-cosine kernel")
+    if out is not NOT_COMPILED:
+        return out
     return abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k, i1, i2)
 
 
@@ -162,14 +178,10 @@ def abrelu_dual_sum(cov: torch.Tensor, ntk: torch.Tensor | None, r1: torch.Tenso
     by a (global average) pooling in one compiled loop that never writes the dual's outputs. ``ntk=None``:
     ``(sum of Sigma', None)``. Eager when compilation is unavailable or failed once in this process."""
     key = ("abrelu_sum", cov.dtype, cov.device.type, ntk is None)
-    if compile_available() and key not in _failed:
-        try:
-            return _compiled_fn(key, _abrelu_dual_sum_poly)(cov, ntk, r1, r2, s1k, s2, d0, k)
-        except Exception as err:  # no compiler, unsupported device, ...: the eager expression is the same
-            _failed.add(key)
-            warnings.warn(f"ntkit: compiling the fused arc-cosine kernel failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); using eager torch",
-                          RuntimeWarning, stacklevel=2)
+    res = run_compiled(key, lambda: _abrelu_dual_sum_poly, (cov, ntk, r1, r2, s1k, s2, d0, k),
+                       "fused arc-cosine kernel")
+    if res is not NOT_COMPILED:
+        return res
     out, t = abrelu_dual_math(cov, ntk, r1, r2, s1k, s2, d0, k)
     dims = tuple(range(1, cov.ndim))
     return out.sum(dim=dims), (None if ntk is None else t.sum(dim=dims))
