@@ -67,7 +67,7 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
     rows = sorted(({"method": m, "mean accuracy (%)": summary["methods"][m]["mean"],
                     "Friedman rank": summary["methods"][m]["friedman_rank"], "P90 (%)": summary["methods"][m]["p90"],
                     "PMA (%)": summary["methods"][m]["pma"],
-                    "paper (%)": PAPER_TABLE1.get(m, math.nan)} for m in methods),
+                    "paper (%)": PAPER_TABLE1.get(m, "–")} for m in methods),
                   key=lambda r: -r["mean accuracy (%)"])
     rep.section("Accuracy over the UCI sets", f"{len(sets)} data sets; ranks and percentages among the methods run "
                 "here (the paper ranks among 180 classifiers).")
