@@ -305,7 +305,9 @@ def run(out=None, *, quick: bool = False, seed: int = 0, data=None, progress: bo
                 "resampled sequences (C, and W_std in the full run, by 3-fold CV on the training set).")
     rep.figure(fig, "accuracy", "Test accuracy per data set and method (error bar: binomial SE of the RNTK).")
     rep.table([{k: v for k, v in r.items() if k in ("data set", "n eval", "lengths", *meth, "RNTK selected")}
-               for r in rows], caption="Accuracy (leave-one-out on the 8-sequence slice)", fmt="{:.4g}")
+               for r in rows], fmt="{:.4g}",
+              caption="Test accuracy per data set" + ("; leave-one-out on the 8-sequence slice"
+                                                      if any("slice" in r["data set"] for r in rows) else ""))
     if heat is not None:
         fig, ax = plt.subplots(figsize=(5, 4.4))
         im = ax.imshow(heat[1], cmap="viridis")
