@@ -136,22 +136,11 @@ def _diagonal(S: torch.Tensor, nd: int) -> torch.Tensor:
     return S
 
 
-def _factors(act, q1, q2, S):
-    """Inputs of the fused arc-cosine dual, formed as :meth:`ABRelu._fused_dual` forms them, or None."""
-    a, b = float(act.a), float(act.b)
-    k = (a - b) ** 2 / (2 * math.pi)
-    if k == 0.0 or bool((q1 <= 0).any()) or bool((q2 <= 0).any()):
-        return None
-    s1, s2 = torch.sqrt(q1), torch.sqrt(q2)
-    eps = torch.finfo(S.dtype).eps
-    return (1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * k, s2, (a * a + b * b) / 2, k
-
-
 def _activation(act: Activation, S, T, q1, q2, fused: bool, pool: bool):
     """The dual of ``act`` on a merged chunk ``(c, M, M)`` with variances ``q1 (c, M, 1)``, ``q2 (c, 1, M)``;
     ``pool``: return the means over all position pairs instead, ``(c,)`` each (the state is never written)."""
     if fused and isinstance(act, ABRelu) and (T is None or isinstance(T, torch.Tensor)):
-        f = _factors(act, q1, q2, S)
+        f = act.fused_factors(q1, q2, S.dtype)
         if f is not None:
             if pool:
                 s, t = _fused.abrelu_dual_sum(S, T, *f)
@@ -383,7 +372,6 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
     n, size, C = a.shape[0], tuple(a.shape[1:-1]), a.shape[-1]
     H, W = size
     dt, dev = a.dtype, a.device
-    eps = torch.finfo(dt).eps
     body = layers[:-1]
     convs, acts = body[0::2], body[1::2]
     first = steps[0]
@@ -420,16 +408,12 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
             if m < n_self:  # the diagonal Sigma(p, p) of a self pair: its input's variances
                 records[li][m] = torch.as_strided(S, (Hh, Ww), (S.stride(1) + Wpp * S.stride(3),
                                                                  S.stride(2) + S.stride(3)), S.storage_offset())
-            q1, q2 = records[li][i], records[li][j]
-            if bool((q1 <= 0).any()) or bool((q2 <= 0).any()):
+            q2 = torch.ones((Hh, Wpp), dtype=dt, device=dev)  # the second input's variances in the padded rows
+            q2[:, :Ww] = records[li][j]
+            fac = act.fused_factors(records[li][i].reshape(1, Hh, Ww, 1), q2.reshape(1, 1, 1, -1)[..., :L], dt)
+            if fac is None:  # a zero variance: the chunks' eager special cases
                 raise _Fallback
-            kk = (act.a - act.b) ** 2 / (2 * math.pi)
-            d0 = (act.a * act.a + act.b * act.b) / 2
-            s1 = torch.sqrt(q1).reshape(1, Hh, Ww, 1)
-            s2 = torch.ones((Hh, Wpp), dtype=dt, device=dev)
-            s2[:, :Ww] = torch.sqrt(q2)
-            s2 = s2.reshape(1, 1, 1, -1)[..., :L]
-            f = ((1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * kk, s2)
+            *f, d0, kk = fac
             dkey = (float(d0), float(kk), dt, dev.type)
             if li == len(acts) - 1:
                 s, t = _call(("cntk-dual-sum",) + dkey + (S.shape, S.stride()),

@@ -222,19 +222,26 @@ class ABRelu(Activation):
     def variance(self, var):
         return (self.a**2 + self.b**2) / 2 * var
 
+    def fused_factors(self, var1: torch.Tensor, var2: torch.Tensor, dtype: torch.dtype):
+        """The arguments after ``(cov, ntk)`` of :func:`ntkit.kernels._fused.abrelu_dual_math` for the variances
+        ``var1``, ``var2`` (shaped to broadcast against the covariance): ``(r1, r2, s1k, s2, d0, k)``, with
+        r1 = (1 + 4 eps) / sqrt(var1) so that self-correlations snap to exactly 1. None for the eager path's
+        special cases: a linear phi (k = 0) or a zero variance."""
+        a, b = float(self.a), float(self.b)
+        k = (a - b) ** 2 / (2 * _PI)
+        if k == 0.0 or bool((var1 <= 0).any()) or bool((var2 <= 0).any()):
+            return None
+        s1, s2 = torch.sqrt(var1), torch.sqrt(var2)
+        eps = torch.finfo(dtype).eps
+        return (1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * k, s2, (a * a + b * b) / 2, k
+
     def _fused_dual(self, cov, ntk, var1, var2, i1=None, i2=None):
         # one compiled pass for the whole dual (ntkit.kernels._fused); the eager special cases (linear phi,
         # a zero variance, Theta still a constant) stay on the eager path
-        a, b = float(self.a), float(self.b)
-        k = (a - b) ** 2 / (2 * _PI)
-        if k == 0.0 or (ntk is not None and not isinstance(ntk, torch.Tensor)):
+        if ntk is not None and not isinstance(ntk, torch.Tensor):
             return None
-        if bool((var1 <= 0).any()) or bool((var2 <= 0).any()):
-            return None
-        s1, s2 = torch.sqrt(var1), torch.sqrt(var2)
-        eps = torch.finfo(cov.dtype).eps
-        return _fused.abrelu_dual(cov, ntk, (1.0 + 4 * eps) / s1, torch.reciprocal(s2), s1 * k, s2,
-                                  (a * a + b * b) / 2, k, i1, i2)
+        f = self.fused_factors(var1, var2, cov.dtype)
+        return None if f is None else _fused.abrelu_dual(cov, ntk, *f, i1, i2)
 
     def to_config(self):
         return {"layer": "abrelu", "a": self.a, "b": self.b}
