@@ -97,11 +97,15 @@ def _lams(lam: Any) -> tuple[list[float], bool]:
     return [float(v) for v in seq], many
 
 
+def _preconditioner_bytes(r: int, m: int) -> int:
+    """Float64 memory of the rank-r Nystrom preconditioner of m features (rows, factors, r x r Gram)."""
+    return 3 * r * m * 8 + 2 * r * r * 8
+
+
 def _phi_fits(n: int, m: int, item: int, budget: float, rank: int = DEFAULT_RANK) -> bool:
     """Whether CG keeps the (n, m) features in memory: they must fit half of what the budget leaves after
     the rank-``rank`` preconditioner (the one rule of :func:`choose_feature_solver` and of the CG itself)."""
-    r = min(n, rank)
-    return n * m * item <= 0.5 * (budget - (3 * r * m * 8 + 2 * r * r * 8))
+    return n * m * item <= 0.5 * (budget - _preconditioner_bytes(min(n, rank), m))
 
 
 def choose_feature_solver(n: int, m: int, item: int, memory_budget: float | None = None, device=None) -> str:
@@ -174,12 +178,12 @@ class _Features:
     """Phi as an operator: kept in memory in row blocks (its own dtype) or recomputed batch by batch.
     Products accumulate block results in float64 (each block's product in the features' dtype)."""
 
-    def __init__(self, feature_map: FeatureMap, x: Any, n: int, budget: float):
+    def __init__(self, feature_map: FeatureMap, x: Any, n: int, budget: float, rank: int):
         self.fm, self.x = feature_map, x
         self.m = feature_map.n_components_
         self.dtype = feature_map.dtype_
         item = torch.finfo(self.dtype).bits // 8
-        self.stored = n * self.m * item <= budget
+        self.stored = _phi_fits(n, self.m, item, budget, rank)
         self.blocks: list[tuple[int, torch.Tensor]] | None = None
         if self.stored:  # one allocation (given back to the system when freed; huge pages on Linux), not n/batch
             phi = None
@@ -351,12 +355,12 @@ def feature_ridge(feature_map: FeatureMap, x: Any, y: torch.Tensor, lam: float |
         raise ValueError(f"rank must be a positive integer (rows sampled for the preconditioner), got {rank!r}")
     budget = memory_budget if memory_budget is not None else 0.9 * available_memory_bytes(feature_map.device)
     r = min(n, rank if rank is not None else DEFAULT_RANK) if preconditioner else 0
-    pre_bytes = 3 * r * m * 8 + 2 * r * r * 8
+    pre_bytes = _preconditioner_bytes(r, m)
     check_memory(pre_bytes + 8 * m * y.shape[1] * len(lams) * 8, budget,
                  f"the CG vectors and the rank-{r} preconditioner of feature ridge (m={m})",
                  "pass a smaller rank, fewer lambdas, or a larger memory_budget")
     t0 = time.perf_counter()
-    ops = _Features(feature_map, x, n, 0.5 * (budget - pre_bytes))
+    ops = _Features(feature_map, x, n, budget, r)
     info.stored = ops.stored
     k = y.shape[1]
     b = ops.rmatvec(y)  # (m, k) float64
