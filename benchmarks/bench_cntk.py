@@ -259,10 +259,10 @@ def main():
                          "eager window sums)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ["BENCH_CNTK_THREADS"] = str(args.threads)  # read by the --one subprocesses
-    if args.one:
+    if args.one:  # a subprocess: its torch threads come from the parent's BENCH_CNTK_THREADS
         print(json.dumps(one_ntkit(*json.loads(args.one))))
         return
+    os.environ["BENCH_CNTK_THREADS"] = str(args.threads)  # read by the --one subprocesses
     tmp = Path(tempfile.mkdtemp(prefix="bench_cntk_"))
     rows = []
     if not args.only_mnist:

@@ -199,13 +199,23 @@ def scaling(args, out):
 
 # ------------------------------------------------------------------------------------------------
 # n = n0: exact NTK vs features, each with its own ridge picked by the same validation procedure
-def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse, cg_tol):
+def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse, cg_tol, variant="cg"):
     """Random features (Han et al.) with the ridge solved by matrix-free Nystrom-preconditioned CG
     (``feature_ridge(..., solver="cg")``): the whole lambda grid in one CG run on the fit part (one pass over
     the features per iteration for all lambdas), validation MSE per lambda, then a refit on all n0 points at
-    the chosen lambda and one score on the test set. Phi^T Phi is never formed."""
+    the chosen lambda and one score on the test set. Phi^T Phi is never formed.
+    ``variant`` "cg": the default features (Gaussian directions); flags after "+" change them: "orth"
+    (sampling="orthogonal"), "lev" (sampling="leverage")."""
+    flags = variant.split("+")[1:]
+    opts = {}
+    for f in flags:
+        if f in ("orth", "lev"):
+            opts["sampling"] = {"orth": "orthogonal", "lev": "leverage"}[f]
+        else:
+            raise SystemExit(f"unknown feature flag {f!r} in {variant!r}")
+
     def make():
-        return NTKRandomFeatures(arch, m, random_state=0, dtype=torch.float32, progress=False)
+        return NTKRandomFeatures(arch, m, random_state=args.rf_seed, dtype=torch.float32, progress=False, **opts)
 
     def tune():
         fm = make().fit(xf)
@@ -229,12 +239,13 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
         times["ridge_total"] = t1 - t0
         return pred, info, fm
     (pred, info, fm), t = timed(fit_predict)
-    row = {"map": "gaussian, CG", "n_components": m, "validation_mse": errs, "r": r_best, "lambda": lam,
+    row = {"map": "CG " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "gaussian"), "n_components": m,
+           "random_state": args.rf_seed, "validation_mse": errs, "r": r_best, "lambda": lam,
            "test_mse": mse(pred, yte), "time_s": t, "tune_time_s": t_tune, "cg_tol": info.tol,
            "rank": info.rank, "iterations": info.iterations, "residual": info.residual, "times": {**info.times, **times},
            "features_stored": info.stored, "tune_iterations": tinfo.iterations, "tune_residual": tinfo.residual,
            "tune_times": tinfo.times}
-    print(f"n={args.n0} CG m={m} tol {cg_tol:g}: r={r_best:g} test mse {row['test_mse']:.4f}, fit {t:.1f} s ({info.iterations} it, "
+    print(f"n={args.n0} {row['map']} m={m} tol {cg_tol:g}: r={r_best:g} test mse {row['test_mse']:.4f}, fit {t:.1f} s ({info.iterations} it, "
           f"residual {info.residual[0]:.1e}, times {row['times']}), tuning {t_tune:.1f} s ({tinfo.iterations} it "
           f"for {len(grid)} lambdas); validation {['%.4f' % e for e in errs]}", flush=True)
     if m in args.cg_plain:  # the same final solve without the preconditioner (iterations and time only)
@@ -310,9 +321,9 @@ def fair_comparison(args, out):
     for spec in args.fair_maps:
         kind, m, *tol = spec.split(":")
         m = int(m)
-        if kind == "cg":
+        if kind.split("+")[0] == "cg":
             fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_diag, mse,
-                    float(tol[0]) if tol else args.cg_tol)
+                    float(tol[0]) if tol else args.cg_tol, variant=kind)
             save(args, out)
             continue
 
@@ -407,6 +418,7 @@ def main():
     p.add_argument("--memory-budget", type=float, default=6e9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-exact", action="store_true")
+    p.add_argument("--rf-seed", type=int, default=0, help="random_state of the CG maps' features (cg:M maps)")
     p.add_argument("--skip-mnist", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--fair", action="store_true",

@@ -30,8 +30,8 @@ With ``fused``, in float64, for a 2-D stack of stride-1 trainable convolutions a
 (whose padded widths agree) on images of at least :data:`COMPILED_MIN_NUMBERS` position pairs, the
 convolutions and activations are compiled loops over a zero-padded layout instead
 (:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
-and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation,
-one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
+and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation
+whose output is copied into the next convolution's zero-padded input, one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
 
 Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) for
 tiles whose layer-by-layer state would exceed :data:`TILE_MIN_BYTES` per tensor (:func:`use_chunks`; smaller
@@ -271,14 +271,20 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
 # With ``fused`` the eager window sums (3 + 3 shifted additions over the chunk per tensor and layer, each a
 # pass over memory) dominate. For 2-D stride-1 stacks of trainable convolutions and ReLU-family activations
 # whose padded widths agree, every convolution is instead one compiled loop over a zero-padded layout, and
-# every activation one compiled loop that writes the next convolution's padded input:
+# every activation one compiled loop whose output fills the next convolution's padded input:
 #
 # * The input of a convolution is kept as ``(1, Hp, Wp, Hp * Wp)``: the first input's positions (h, w) padded,
 #   and the second input's positions flattened into rows of the padded width Wp (zeros in the padding). A
 #   filter offset (oh, ow) then reads one *contiguous* range of the flat axis, at oh Wp + ow, for every
 #   output position p' = h' Wp + w' -- no masks, long vectorised rows. The Wp - Wo columns per row past the
-#   image are computed too (garbage) and masked to zero when the activation writes the next padded input,
-#   which is exactly that input's zero padding.
+#   image are computed too (garbage) and masked to zero by the activation, which is exactly the next padded
+#   input's zero padding there.
+# * The activation's loop writes the unpadded layout; an eager copy puts it into the interior of the next
+#   convolution's padded input, two buffers per layer whose zero borders are written once per call. (Writing
+#   the padded layout inside the compiled loop, a ``pad`` of the dual, made inductor emit a slower loop:
+#   9.1 vs 4.0 ms per pair and layer in float64, while the copy costs ~1 ms per tensor; benchmarks/RESULTS.md.)
+#   The first activation takes Sigma once (Theta equals it after the first convolution), and the first
+#   convolution's output is passed as a strided view, without copies.
 # * The first convolution (the 1x1 convolution of the im2col patches) is one batched matrix product of the
 #   first input's patches with the second's, zero-padded to that layout, with the bias folded in (baddbmm).
 # * The last activation and the pooling are one loop (a masked sum), as above.
@@ -344,11 +350,17 @@ def _wsum_fn(st, w2: float, b2: float):
     return fn
 
 
-def _dual_into_fn(d0: float, k: float, pads: tuple):
-    def fn(S, T, r1, r2, s1k, s2, mask):
-        o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
-        pad = torch.nn.functional.pad
-        return pad(torch.where(mask, o, 0.0), pads), pad(torch.where(mask, t, 0.0), pads)
+def _dual_masked_fn(d0: float, k: float, first: bool):
+    """The dual on the unpadded layout, zero where ``mask`` is False (the next convolution's padding).
+    ``first``: Theta is Sigma (after the first, trainable convolution), passed once."""
+    if first:
+        def fn(S, r1, r2, s1k, s2, mask):
+            o, t = _fused.abrelu_dual_math(S, S, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
+            return torch.where(mask, o, 0.0), torch.where(mask, t, 0.0)
+    else:
+        def fn(S, T, r1, r2, s1k, s2, mask):
+            o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
+            return torch.where(mask, o, 0.0), torch.where(mask, t, 0.0)
     return fn
 
 
@@ -394,6 +406,8 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
     masks.append((torch.arange(Lo, device=dev) % last["Wp"]) < last["Wo"])
     geo.append((last["Ho"], last["Wo"], last["Wp"], Lo))
     records = [a.new_empty((n, g[0], g[1])) for g in geo]
+    pads = [(a.new_zeros((1, st["Hp"], st["Wp"], st["Hp"] * st["Wp"])),
+             a.new_zeros((1, st["Hp"], st["Wp"], st["Hp"] * st["Wp"]))) for st in steps]
     P = len(r1)
     nngp, ntk = a.new_empty(P), a.new_empty(P)
     r1l, r2l = r1.tolist(), r2.tolist()
@@ -401,8 +415,8 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
         i, j = r1l[m], r2l[m]
         S0 = torch.baddbmm(b2_0, A1[i:i + 1], A2[j:j + 1], alpha=w2_0)
         L = geo[0][3]
-        S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L].contiguous()
-        T = S.clone()  # Theta = Sigma after the first (trainable) conv; not an alias (aliased inputs cost)
+        S = S0.view(1, H, W, Hp * Wp)[..., first["ph"] * Wp + first["pw"]:][..., :L]
+        T = None  # Theta = Sigma after the first (trainable) conv: the first dual takes Sigma once
         for li, act in enumerate(acts):
             Hh, Ww, Wpp, L = geo[li]
             if m < n_self:  # the diagonal Sigma(p, p) of a self pair: its input's variances
@@ -421,11 +435,16 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
                 nngp[m], ntk[m] = s, t
                 break
             st = steps[li]
-            PL = st["Hp"] * st["Wp"]
+            first_dual = T is None
+            args = (S,) if first_dual else (S, T)
+            o, t = _call(("cntk-dual-masked", first_dual) + dkey + (S.shape, S.stride()),
+                         lambda: _dual_masked_fn(d0, kk, first_dual), *args, *f, masks[li])
+            PS, PT = pads[li]  # zero padding written once; the interior (masked columns included) each pair
+            inner = (slice(None), slice(st["ph"], st["ph"] + st["H"]), slice(st["pw"], st["pw"] + st["W"]))
             off = st["ph"] * st["Wp"] + st["pw"]
-            padw = (off, PL - off - L, st["pw"], st["Wp"] - st["W"] - st["pw"], st["ph"], st["Hp"] - st["H"] - st["ph"])
-            PS, PT = _call(("cntk-dual",) + dkey + (S.shape, S.stride(), padw),
-                           lambda: _dual_into_fn(d0, kk, padw), S, T, *f, masks[li])
+            PS[inner + (slice(off, off + L),)].copy_(o)
+            PT[inner + (slice(off, off + L),)].copy_(t)
+            del o, t
             cv = convs[li + 1]
             w2 = cv.W_std**2 / (st["fh"] * st["fw"])
             b2 = 0.0 if cv.b_std is None else cv.b_std**2
