@@ -210,6 +210,8 @@ def fair_cg(args, res, arch, kf, x, y, xf, yf, xv, yv, xte, yte, m, grid, mean_d
     opts = {}
     for f in flags:
         if f in ("orth", "lev"):
+            if "sampling" in opts:
+                raise SystemExit(f"{variant!r}: one sampling flag at most")
             opts["sampling"] = {"orth": "orthogonal", "lev": "leverage"}[f]
         else:
             raise SystemExit(f"unknown feature flag {f!r} in {variant!r}")

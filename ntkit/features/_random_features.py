@@ -21,23 +21,23 @@ _ORTHOGONAL_BLOCK = 256
 _REUSE_BYTES = 24 * 1024**2
 
 
-def orthogonal_gaussian(p: int, m: int, gen: torch.Generator, block: int = _ORTHOGONAL_BLOCK) -> torch.Tensor:
-    """(p, m) directions, each N(0, I_p)-distributed, orthogonal within blocks and in antithetic pairs.
+def orthogonal_gaussian(p: int, m: int, gen: torch.Generator, block: int = _ORTHOGONAL_BLOCK,
+                        antithetic: bool = True) -> torch.Tensor:
+    """(p, m) directions, each N(0, I_p)-distributed, orthogonal within blocks (and in antithetic pairs).
 
-    The first ceil(m / 2) columns come in blocks of min(p, block) mutually orthogonal directions (a
-    Haar-distributed orthonormal frame from the QR of a Gaussian (p, k) matrix, signs fixed by R's
-    diagonal) with independent chi(p) lengths (Yu et al. 2016); the other columns are their negatives.
+    The first ceil(m / 2) columns (all m with ``antithetic=False``) come in blocks of min(p, block) mutually
+    orthogonal directions -- a Haar-distributed orthonormal frame from the QR of a Gaussian (p, k) matrix,
+    signs fixed by R's diagonal -- with independent chi(p) lengths (Yu et al. 2016); the other columns are
+    their negatives.
     """
-    half = (m + 1) // 2
+    base = (m + 1) // 2 if antithetic else m
     k = min(p, block)
-    cols = []
-    for _ in range(-(-half // k)):
-        q, r = torch.linalg.qr(torch.randn((p, k), generator=gen, dtype=torch.float64))
-        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-        lengths = torch.randn((p, k), generator=gen, dtype=torch.float64).norm(dim=0)
-        cols.append(q * lengths)
-    w = torch.cat(cols, 1)[:, :half]
-    return torch.cat([w, -w], 1)[:, :m]
+    nb = -(-base // k)
+    q, r = torch.linalg.qr(torch.randn((nb, p, k), generator=gen, dtype=torch.float64))
+    q = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0)[:, None, :]
+    lengths = torch.randn((nb, p, k), generator=gen, dtype=torch.float64).norm(dim=1)
+    w = (q * lengths[:, None, :]).permute(1, 0, 2).reshape(p, nb * k)[:, :base]
+    return torch.cat([w, -w], 1)[:, :m] if antithetic else w
 
 
 class NTKRandomFeatures(FeatureMap):
@@ -83,7 +83,8 @@ class NTKRandomFeatures(FeatureMap):
         lower variance for the x.x' kappa_0 term of the NTK. "orthogonal": orthogonal random features
         (Yu et al., "Orthogonal Random Features", NeurIPS 2016; Choromanski, Rowland & Weller 2017 for
         the arc-cosine kernels) in antithetic pairs: blocks of up to 256 mutually orthogonal directions
-        with independent chi(p) lengths, each followed by its negative w -> -w. Every direction is still
+        with independent chi(p) lengths, each followed by its negative w -> -w (not for even
+        activations such as Abs, where the negative would repeat the feature). Every direction is still
         N(0, I)-distributed, so the features stay unbiased; the negative correlations within a block
         and the pairs lower the variance of the kernel estimate on low-dimensional inputs (2.4x lower
         Frobenius error of the NNGP part on 32-d Gaussian inputs; no gain on MNIST digits; ridge
@@ -184,10 +185,10 @@ class NTKRandomFeatures(FeatureMap):
                     t = s + (t or 0)
                 params.append(None)
             else:
-                g1 = self._directions(s, m1, gen)
+                g1 = self._directions(s, m1, gen, op)
                 g0 = w0 = sk = None
                 if ntk and t is not None:
-                    g0 = self._directions(s, m0, gen)
+                    g0 = self._directions(s, m0, gen, op)
                     if self.sampling == "leverage" and first_act:
                         # w = r u with u uniform on the sphere and r ~ chi(p + 2): density ||w||^2 N(w) / p
                         r = torch.randn((s + 2, m0), generator=gen, dtype=torch.float64).norm(dim=0)
@@ -205,11 +206,13 @@ class NTKRandomFeatures(FeatureMap):
         self._params = None
         self._params_key = None
 
-    def _directions(self, p: int, m: int, gen: torch.Generator) -> torch.Tensor:
-        """(p, m) Gaussian directions, independent or orthogonal in antithetic pairs (``sampling``)."""
+    def _directions(self, p: int, m: int, gen: torch.Generator, op) -> torch.Tensor:
+        """(p, m) Gaussian directions, independent or orthogonal (``sampling``). The antithetic pairs w, -w are
+        left out for even activations (a = -b, e.g. Abs): there phi(-z) = phi(z) and phi'(-z) phi'(-z') =
+        phi'(z) phi'(z'), so the pair's second feature would repeat the first."""
         if self.sampling != "orthogonal":
             return torch.randn((p, m), generator=gen, dtype=torch.float64)
-        return orthogonal_gaussian(p, m, gen)
+        return orthogonal_gaussian(p, m, gen, antithetic=op.a != -op.b)
 
     def _convert(self, layer_params, dtype, device):
         g1, g0, w0, sk = layer_params

@@ -31,7 +31,8 @@ With ``fused``, in float64, for a 2-D stack of stride-1 trainable convolutions a
 convolutions and activations are compiled loops over a zero-padded layout instead
 (:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
 and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation
-whose output is copied into the next convolution's zero-padded input, one pair at a time. It falls back to the chunks whenever it cannot run (no compiler, a zero variance).
+whose output is copied into the next convolution's zero-padded input, one pair at a time. It falls back to
+the chunks whenever it cannot run (no compiler, a zero variance).
 
 Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) for
 tiles whose layer-by-layer state would exceed :data:`TILE_MIN_BYTES` per tensor (:func:`use_chunks`; smaller
@@ -406,8 +407,15 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
     masks.append((torch.arange(Lo, device=dev) % last["Wp"]) < last["Wo"])
     geo.append((last["Ho"], last["Wo"], last["Wp"], Lo))
     records = [a.new_empty((n, g[0], g[1])) for g in geo]
-    pads = [(a.new_zeros((1, st["Hp"], st["Wp"], st["Hp"] * st["Wp"])),
-             a.new_zeros((1, st["Hp"], st["Wp"], st["Hp"] * st["Wp"]))) for st in steps]
+    # the padded inputs of the convolutions: one pair of buffers per geometry (the window sums return fresh
+    # tensors before the next activation overwrites a buffer's interior; its zero borders are never written)
+    by_geo: dict = {}
+    pads = []
+    for st in steps:
+        key = tuple(st[name] for name in ("H", "W", "Hp", "Wp", "ph", "pw"))
+        if key not in by_geo:
+            by_geo[key] = tuple(a.new_zeros((1, st["Hp"], st["Wp"], st["Hp"] * st["Wp"])) for _ in range(2))
+        pads.append(by_geo[key])
     P = len(r1)
     nngp, ntk = a.new_empty(P), a.new_empty(P)
     r1l, r2l = r1.tolist(), r2.tolist()

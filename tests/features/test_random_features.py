@@ -80,10 +80,18 @@ def test_orthogonal_directions():
     w = orthogonal_gaussian(300, 600, g, block=64)
     blk = w[:, :64] / w[:, :64].norm(dim=0)
     torch.testing.assert_close(blk.T @ blk, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-12)
-    # every direction is N(0, I): second moments over many draws (CLT: se of a diagonal entry ~ sqrt(2 / N))
+    # every direction is N(0, I): first and second moments over many draws (CLT bounds); the first moments
+    # see the signs of the frames (without the sign fix of the QR, w[0, 0] <= 0 always)
     ws = torch.cat([orthogonal_gaussian(5, 40, g)[:, :20] for _ in range(500)], 1)  # 10 000 directions
     cov = ws @ ws.T / ws.shape[1]
     assert float((cov - torch.eye(5, dtype=torch.float64)).abs().max()) < 5 * math.sqrt(2 / ws.shape[1])
+    first = torch.stack([orthogonal_gaussian(5, 5, g, antithetic=False)[:, 0] for _ in range(2000)])
+    assert float(first.mean(0).abs().max()) < 5 / math.sqrt(2000)
+    assert abs(float((first[:, 0] > 0).double().mean()) - 0.5) < 5 * 0.5 / math.sqrt(2000)
+    # without pairs: all m columns in orthogonal frames
+    w = orthogonal_gaussian(4, 8, g, antithetic=False)
+    q = w[:, 4:] / w[:, 4:].norm(dim=0)
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_orthogonal_sampling_lowers_the_error_on_low_dimensional_inputs():
@@ -94,6 +102,13 @@ def test_orthogonal_sampling_lowers_the_error_on_low_dimensional_inputs():
            for s in ("gaussian", "orthogonal")}
     # measured 2.4x lower on the NNGP part for 1500 such points (benchmarks/RESULTS.md)
     assert err["orthogonal"] < 0.6 * err["gaussian"], err
+    # an even activation (Abs) takes no antithetic pairs: they would repeat each feature; still no worse
+    abs_arch = ntkit.mlp(1, W_std=2**0.5, b_std=0.1, activation=ntkit.Abs())
+    err_abs = {s: np.mean([_rel_err(abs_arch, x32[:100], "ntk", 1024, seed, sampling=s) for seed in range(3)])
+               for s in ("gaussian", "orthogonal")}
+    assert err_abs["orthogonal"] < 1.05 * err_abs["gaussian"], err_abs
+    f = NTKRandomFeatures(abs_arch, 1024, kernel="nngp", sampling="orthogonal", random_state=0).fit_transform(x32)
+    assert torch.linalg.matrix_rank(f).item() > 150  # not m / 2 repeated columns
     rf = NTKRandomFeatures(arch, 2048, sampling="orthogonal", random_state=0).fit(x32)
     again = NTKRandomFeatures(arch, 2048, sampling="orthogonal", random_state=0).fit(x32)
     torch.testing.assert_close(rf.transform(x32), again.transform(x32), rtol=0, atol=0)
