@@ -281,7 +281,7 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
 #   image are computed too (garbage) and masked to zero by the activation, which is exactly the next padded
 #   input's zero padding there.
 # * The activation's loop writes the unpadded layout; an eager copy puts it into the interior of the next
-#   convolution's padded input, two buffers per layer whose zero borders are written once per call. (Writing
+#   convolution's padded input, two buffers per geometry whose zero borders are written once per call. (Writing
 #   the padded layout inside the compiled loop, a ``pad`` of the dual, made inductor emit a slower loop:
 #   9.1 vs 4.0 ms per pair and layer in float64, while the copy costs ~1 ms per tensor; benchmarks/RESULTS.md.)
 #   The first activation takes Sigma once (Theta equals it after the first convolution), and the first
