@@ -53,7 +53,7 @@ import torch
 from . import _fused
 from ._state import KernelState
 from .activations import ABRelu, Activation
-from .conv import Conv, window_sum
+from .conv import Conv
 from .pooling import GlobalAvgPool
 
 __all__ = ["plan", "use_chunks", "gap_state", "compiled_plan", "CHUNK_BYTES", "TILE_MIN_BYTES", "COMPILED_MIN_NUMBERS"]
@@ -110,11 +110,8 @@ def _conv(lay: Conv, S: torch.Tensor, T, shape: tuple):
     b2 = 0.0 if lay.b_std is None else lay.b_std**2
     b2t = torch.tensor(b2, dtype=S.dtype, device=S.device)
 
-    def filt(t):
-        for d, (n, f, s, pad, o) in enumerate(geo):
-            if not (f == 1 and s == 1 and pad == 0 and o == n):
-                t = window_sum(t, (1 + d, 1 + nd + d), n, f, s, pad, o)
-        return t
+    def filt(t):  # a chunk (c, *shape, *shape): spatial axis pair d is (1 + d, 1 + nd + d)
+        return Conv.filter_offsets(t, lambda d: (1 + d, 1 + nd + d), geo)
 
     s_sum = filt(S)
     S = torch.add(b2t, s_sum, alpha=w2, out=s_sum if s_sum is not S else None)

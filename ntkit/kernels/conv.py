@@ -199,11 +199,18 @@ class Conv(Layer):
 
     def _filter(self, t, k: KernelState, geo):
         """sum over filter offsets (not yet divided by F) of a tensor in the state's layout."""
+        return self.filter_offsets(t, k.spatial_axes, geo)
+
+    @staticmethod
+    def filter_offsets(t, axes, geo):
+        """sum over filter offsets (not yet divided by F) of ``t``, whose spatial axis pair ``d`` is ``axes(d)``
+        (one axis of a same-position state, the (p, p') pair of a position-pair state); ``geo`` from
+        :meth:`geometry`. A constant passes through."""
         if not isinstance(t, torch.Tensor):
             return t
         for d, (n, f, s, pad, o) in enumerate(geo):
             if not (f == 1 and s == 1 and pad == 0 and o == n):  # a 1x1 window is the identity
-                t = window_sum(t, k.spatial_axes(d), n, f, s, pad, o)
+                t = window_sum(t, axes(d), n, f, s, pad, o)
         return t
 
     # -- infinite width ---------------------------------------------------------------------------------

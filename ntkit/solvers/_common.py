@@ -94,9 +94,19 @@ def _psd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return x
     w, v = symmetric_eigh(a)
     w, v = w.to(a.device), v.to(a.device)
-    tol = max(float(w.abs().max()), 1e-300) * a.shape[0] * torch.finfo(a.dtype).eps
-    inv = torch.where(w > tol, 1.0 / torch.where(w > tol, w, torch.ones_like(w)), torch.zeros_like(w))
-    return v @ (inv[:, None] * (v.T @ b))
+    return _eig_solve(w, v, v.T @ b, 0.0, _eig_tol(w))
+
+
+def _eig_tol(w: torch.Tensor) -> float:
+    """Eigenvalues at or below this are treated as zero modes: max |w| x size x machine epsilon."""
+    return max(float(w.abs().max()), 1e-300) * w.shape[0] * torch.finfo(w.dtype).eps
+
+
+def _eig_solve(w: torch.Tensor, v: torch.Tensor, vtb: torch.Tensor, shift: float, tol: float) -> torch.Tensor:
+    """(a + shift I)^+ b from a = v diag(w) v^T and vtb = v^T b, modes with w + shift <= tol dropped."""
+    den = w + shift
+    inv = torch.where(den > tol, 1.0 / torch.where(den > tol, den, torch.ones_like(den)), torch.zeros_like(den))
+    return v @ (inv[:, None] * vtb)
 
 
 def pcg(matvec, b: torch.Tensor, precond=None, *, tol: float, max_iter: int, progress=True, desc="CG",

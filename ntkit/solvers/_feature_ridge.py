@@ -26,7 +26,8 @@ import torch
 
 from .._validation import available_memory_bytes, check_memory, empty_output
 from ..features._base import FeatureMap, make_generator
-from ._common import _psd_solve, pcg
+from .._linalg import symmetric_eigh
+from ._common import _eig_solve, _eig_tol, _psd_solve, pcg
 
 __all__ = ["FeatureRidgeInfo", "feature_ridge", "choose_feature_solver", "FEATURE_SOLVERS"]
 
@@ -159,17 +160,10 @@ def _direct(feature_map: FeatureMap, x: Any, y: torch.Tensor, lams: list[float],
             a.diagonal().add_(lams[0])
         out = _psd_solve(a, b)[None]
     else:  # one eigendecomposition, every lambda from it (zero modes dropped for lambda = 0, as _psd_solve)
-        a = 0.5 * (a + a.T)
-        w, v = torch.linalg.eigh(a)
-        vb = v.T @ b
-        tiny = max(float(w.abs().max()), 1e-300) * m * torch.finfo(torch.float64).eps
-        out = []
-        for lam in lams:
-            den = w + lam
-            inv = torch.where(den > tiny, 1.0 / torch.where(den > tiny, den, torch.ones_like(den)),
-                              torch.zeros_like(den))
-            out.append(v @ (inv[:, None] * vb))
-        out = torch.stack(out)
+        w, v = symmetric_eigh(a, overwrite=True)  # a is ours, not needed after
+        w, v = w.to(a.device), v.to(a.device)
+        vb, tol = v.T @ b, _eig_tol(w)
+        out = torch.stack([_eig_solve(w, v, vb, lam, tol) for lam in lams])
     info.times["solve"] = time.perf_counter() - t0
     return out
 

@@ -70,19 +70,30 @@ class KernelRidgeSolution:
 class FeatureRidgeSolution:
     """f(x) = phi(x) @ weights for a fitted feature map phi.
 
-    ``feature_solver`` is how the ridge system was solved ("direct" normal equations or matrix-free "cg"),
-    ``iterations`` and ``residuals`` its CG iterations and relative residual history, ``info`` the full
-    :class:`FeatureRidgeInfo` (final recomputed residual, preconditioner rank, times)."""
+    ``info`` is the :class:`FeatureRidgeInfo` of the solve (solver, iterations, residuals, preconditioner
+    rank, times); ``feature_solver``, ``iterations`` and ``residuals`` read it ("direct", 0 and [] without)."""
 
     feature_map: FeatureMap
     weights: torch.Tensor
     lam: float
     one_d: bool = False
     solver: str = "features"
-    feature_solver: str = "direct"
-    iterations: int = 0
-    residuals: list = field(default_factory=list)
     info: FeatureRidgeInfo | None = None
+
+    @property
+    def feature_solver(self) -> str:
+        """How the ridge system was solved: "direct" normal equations or matrix-free "cg"."""
+        return self.info.solver if self.info is not None else "direct"
+
+    @property
+    def iterations(self) -> int:
+        """CG iterations (0 for the direct solve)."""
+        return self.info.iterations if self.info is not None else 0
+
+    @property
+    def residuals(self) -> list:
+        """Largest relative residual after each CG iteration."""
+        return self.info.history if self.info is not None else []
 
     def predict(self, x: Any):
         out = torch.cat([f.to(self.weights.dtype) @ self.weights for _, f in self.feature_map.iter_transform(x)])
@@ -371,8 +382,7 @@ def kernel_ridge(kernel: Any, x: Any, y: Any, *, diag_reg: float = 0.0, diag_reg
         w, info = feature_ridge(fm, xt, yt, lam, solver=feature_solver, tol=tol, max_iter=max_iter,
                                 random_state=0 if random_state is None else random_state,
                                 memory_budget=memory_budget, progress=progress, return_info=True)
-        return FeatureRidgeSolution(fm, w.to(xt.dtype), lam, one_d, feature_solver=info.solver,
-                                    iterations=info.iterations, residuals=info.history, info=info)
+        return FeatureRidgeSolution(fm, w.to(xt.dtype), lam, one_d, info=info)
     if solver == "cholesky":
         coef = cholesky(kf, xt, yt, lam, memory_budget=memory_budget)
         return KernelRidgeSolution(kf, xt, coef, "cholesky", lam, one_d, memory_budget=memory_budget)
