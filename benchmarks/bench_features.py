@@ -7,7 +7,8 @@
    log-log slope of time vs n); at n = 2e4 the exact NTK (direct solve) vs features in the same run;
    FALKON (Nystrom KRR by preconditioned CG, 2000 centers) at n = 2e4 and 1e5.
 3. ``--fair``: at n = n0 the exact NTK vs feature maps (random features, leverage-score features, NTK
-   Sketch; ``cg:M``: random features with the ridge solved by matrix-free preconditioned CG) over m, every
+   Sketch; ``nystrom:M`` / ``nystrom64:M``: Nystrom features with M centers, float32 / float64; ``cg:M``:
+   random features with the ridge solved by matrix-free preconditioned CG) over m, every
    regressor with its own ridge picked by the same validation split of the training data; test MSE and
    times of both.
 
@@ -28,7 +29,7 @@ import torch
 
 import ntkit
 from ntkit.experiments.data import load_mnist
-from ntkit.features import NTKRandomFeatures, NTKSketch
+from ntkit.features import NTKNystroem, NTKRandomFeatures, NTKSketch
 from ntkit.solvers import cholesky, falkon, feature_ridge
 from ntkit.solvers._common import regularization
 
@@ -52,11 +53,13 @@ def feature_fit_predict(arch, x, y, xt, m, lam, dtype, seed=0):
     return timed(run)
 
 
-def features_tuned(arch, x, y, xv, yv_labels, xt, m, lams, dtype, seed=0):
+def features_tuned(arch, x, y, xv, yv_labels, xt, m, lams, dtype, seed=0, kind="random"):
     """Ridge on features with lambda picked on a validation split (x, y: training part): Phi^T Phi is
-    eigendecomposed once, each lambda costs O(m^2 k); then refit on train + validation with the best one."""
+    eigendecomposed once, each lambda costs O(m^2 k); then refit on train + validation with the best one.
+    ``kind``: "random" (NTKRandomFeatures) or "nystrom" (NTKNystroem, centers from the training part)."""
     def run():
-        fm = NTKRandomFeatures(arch, m, random_state=seed, dtype=dtype, progress=False).fit(x)
+        cls = NTKNystroem if kind == "nystrom" else NTKRandomFeatures
+        fm = cls(arch, m, random_state=seed, dtype=dtype, progress=False).fit(x)
         a = None
         b = None
         for i, f in fm.iter_transform(x):
@@ -111,6 +114,15 @@ def mnist(args, out):
         out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
         save(args, out)
         print(f"MNIST features m={m}: acc {acc:.4f} in {t:.1f} s (lambda {best:.3g}; val {accs})", flush=True)
+    for m in args.mnist_nystrom:
+        (pred, best, accs), t = features_tuned(arch, xtr[:7000], ytr[:7000], xtr[7000:], labels[7000:8000], xte,
+                                               m, lams, torch.float32, kind="nystrom")
+        acc = float((pred.argmax(1).numpy() == lte).mean())
+        rows.append({"method": "NTK Nystrom features + ridge (lambda on a validation split)", "n_components": m,
+                     "accuracy": acc, "time_s": t, "lambda": best, "validation_accuracies": accs})
+        out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
+        save(args, out)
+        print(f"MNIST Nystrom features m={m}: acc {acc:.4f} in {t:.1f} s (lambda {best:.3g}; val {accs})", flush=True)
     out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
 
 
@@ -332,6 +344,9 @@ def fair_comparison(args, out):
         def make():
             if kind == "sketch":
                 return NTKSketch(arch, m, random_state=0, dtype=torch.float32, progress=False)
+            if kind in ("nystrom", "nystrom64"):  # centers: rows of the data the map is fitted on
+                return NTKNystroem(arch, m, random_state=args.rf_seed, progress=False,
+                                   dtype=torch.float64 if kind == "nystrom64" else torch.float32)
             return NTKRandomFeatures(arch, m, random_state=0, dtype=torch.float32, progress=False,
                                      sampling="leverage" if kind == "leverage" else "gaussian")
 
@@ -408,6 +423,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mnist", default="../shared/data/mnist")
     p.add_argument("--mnist-m", type=int, nargs="*", default=[1024, 2048, 4096])
+    p.add_argument("--mnist-nystrom", type=int, nargs="*", default=[], help="Nystrom centers for the MNIST rows")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--diag-reg", type=float, default=1e-3)
     p.add_argument("--noise", type=float, default=0.3)
@@ -420,7 +436,7 @@ def main():
     p.add_argument("--memory-budget", type=float, default=6e9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-exact", action="store_true")
-    p.add_argument("--rf-seed", type=int, default=0, help="random_state of the CG maps' features (cg:M maps)")
+    p.add_argument("--rf-seed", type=int, default=0, help="random_state of the cg:M maps' features and of the Nystrom centers")
     p.add_argument("--skip-mnist", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--fair", action="store_true",

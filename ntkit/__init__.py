@@ -30,7 +30,7 @@ _LAZY = {
         "gp_inference", "linearize", "max_learning_rate", "MSEPredictor", "ODEPredictor", "EnsemblePredictor",
         "LinearizedModel", "kernel_regression")},
     **{name: "ntkit.features" for name in ("NTKRandomFeatures",)},
-    **{name: "ntkit.features" for name in ("CNTKSketch",)},
+    **{name: "ntkit.features" for name in ("CNTKSketch", "NTKNystroem")},
     **{name: "ntkit.solvers" for name in ("kernel_ridge",)},
     **{name: "ntkit.spectra" for name in (
         "eigendecomposition", "condition_number", "effective_rank", "kernel_pca", "convergence_times",

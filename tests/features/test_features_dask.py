@@ -10,7 +10,7 @@ import torch
 distributed = pytest.importorskip("distributed")
 
 import ntkit  # noqa: E402
-from ntkit.features import NTKRandomFeatures, NTKSketch  # noqa: E402
+from ntkit.features import NTKNystroem, NTKRandomFeatures, NTKSketch  # noqa: E402
 from ntkit.features._dask import task_rows  # noqa: E402
 
 ARCH = ntkit.mlp(2, W_std=2**0.5, b_std=0.1)
@@ -50,6 +50,9 @@ def test_client_and_address(x, single_thread):
         phi = rf.transform(x[:300], scheduler=client)
         k = ARCH.kernel(torch.as_tensor(x[:300]), get="nngp").numpy()
         assert np.linalg.norm(phi @ phi.T - k) / np.linalg.norm(k) < 0.3
+        # Nystrom features: the exact kernel against the centers on the workers (2 tasks)
+        ny = NTKNystroem(ARCH, 80, random_state=2, batch_size=500, progress=False).fit(x[:1000])
+        assert np.array_equal(ny.transform(x[:1000], scheduler=client), ny.transform(x[:1000]))
 
 
 def test_task_size():
