@@ -105,24 +105,17 @@ def mnist(args, out):
     print(f"MNIST exact: acc {acc_exact:.4f} in {t_exact:.1f} s", flush=True)
     mean_diag = lam / args.diag_reg
     lams = [r * mean_diag for r in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)]
-    for m in args.mnist_m:
+    runs = [("random", m) for m in args.mnist_m] + [("nystrom", m) for m in args.mnist_nystrom]
+    for kind, m in runs:
         (pred, best, accs), t = features_tuned(arch, xtr[:7000], ytr[:7000], xtr[7000:], labels[7000:8000], xte,
-                                               m, lams, torch.float32)
+                                               m, lams, torch.float32, kind=kind)
         acc = float((pred.argmax(1).numpy() == lte).mean())
-        rows.append({"method": "NTK random features + ridge (lambda on a validation split)", "n_components": m,
+        name = {"random": "NTK random features", "nystrom": "NTK Nystrom features"}[kind]
+        rows.append({"method": f"{name} + ridge (lambda on a validation split)", "n_components": m,
                      "accuracy": acc, "time_s": t, "lambda": best, "validation_accuracies": accs})
         out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
         save(args, out)
-        print(f"MNIST features m={m}: acc {acc:.4f} in {t:.1f} s (lambda {best:.3g}; val {accs})", flush=True)
-    for m in args.mnist_nystrom:
-        (pred, best, accs), t = features_tuned(arch, xtr[:7000], ytr[:7000], xtr[7000:], labels[7000:8000], xte,
-                                               m, lams, torch.float32, kind="nystrom")
-        acc = float((pred.argmax(1).numpy() == lte).mean())
-        rows.append({"method": "NTK Nystrom features + ridge (lambda on a validation split)", "n_components": m,
-                     "accuracy": acc, "time_s": t, "lambda": best, "validation_accuracies": accs})
-        out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
-        save(args, out)
-        print(f"MNIST Nystrom features m={m}: acc {acc:.4f} in {t:.1f} s (lambda {best:.3g}; val {accs})", flush=True)
+        print(f"MNIST {name} m={m}: acc {acc:.4f} in {t:.1f} s (lambda {best:.3g}; val {accs})", flush=True)
     out["mnist"] = {"depth": args.depth, "diag_reg": args.diag_reg, "rows": rows}
 
 

@@ -51,8 +51,8 @@ class NTKNystroem(FeatureMap):
         Which rows are the centers.
     dtype : torch dtype or name, default float64
         Working dtype of the transform (the centers' kernel matrix and its eigendecomposition are float64).
-        In float32 eigenvalues below 1.2e-7 max(l) are dropped, so that no direction carries more than
-        ~sqrt(eps) of rounding.
+        In float32 eigenvalues below 1.2e-7 max(l) are dropped, so that kernel rounding of order eps is
+        amplified by at most 1 / sqrt(eps) along any direction.
     device : torch device, optional
         Where the kernels are computed (default: the input's device; CPU for numpy).
     memory_budget : float, optional
@@ -132,7 +132,7 @@ class NTKNystroem(FeatureMap):
                             "of features")
         self.dtype_ = resolve_dtype(self.dtype)
         dev = self.device if self.device is not None else (X.device if isinstance(X, torch.Tensor) else None)
-        t = as_float_tensor(X, "X", dtype=torch.float64, device=dev)
+        t = as_float_tensor(X.detach() if isinstance(X, torch.Tensor) else X, "X")  # checked, not copied
         n = t.shape[0]
         if m > n:
             warnings.warn(f"n_components={m} is more than the {n} rows of X; using all {n} rows as centers",
@@ -140,17 +140,19 @@ class NTKNystroem(FeatureMap):
             m = n
         gen = make_generator(self.random_state)
         idx = torch.randperm(n, generator=gen)[:m]
-        centers = t[idx.to(t.device)]
+        centers = t[idx.to(t.device)].to(device=dev, dtype=torch.float64)  # only the centers in float64
         kcc = arch.kernel(centers, None, self.kernel, dtype=torch.float64, memory_budget=self.memory_budget,
                           progress=False).cpu()
         lam, vec = symmetric_eigh(0.5 * (kcc + kcc.T), overwrite=True)
         # below m eps64 max(l) an eigenvalue is the eigensolver's rounding; below eps max(l) of a float32
-        # transform, the transform's rounding along that direction (~eps sqrt(max(l) / l)) would exceed sqrt(eps)
+        # transform, rounding of order eps in k(x, C) would be amplified by sqrt(max(l) / l) > 1 / sqrt(eps)
+        # along that direction (a heuristic: kernel entries near correlation 1 may be less accurate than eps)
         cut = float(lam[-1]) * max(m * torch.finfo(torch.float64).eps, torch.finfo(self.dtype_).eps)
         keep = lam > cut
         if not bool(keep.any()):
-            raise ValueError(f"the {self.kernel.upper()} of the {m} centers is zero (largest eigenvalue "
-                             f"{float(lam[-1]):.3g}); this architecture's kernel has no features")
+            raise ValueError(f"the {self.kernel.upper()} matrix of the {m} centers is zero (largest eigenvalue "
+                             f"{float(lam[-1]):.3g}): the kernel vanishes on these rows (no trainable layer for "
+                             "the NTK, or all-zero rows without biases), so there are no features")
         inv_sqrt = torch.where(keep, lam.clamp_min(cut).rsqrt(), torch.zeros_like(lam))
         self.normalization_ = (vec * inv_sqrt) @ vec.T
         self.rank_ = int(keep.sum())
@@ -159,7 +161,7 @@ class NTKNystroem(FeatureMap):
         self.input_shape_ = tuple(t.shape[1:])
         self.n_features_in_ = int(np.prod(self.input_shape_))
         self.n_components_ = m
-        self.arch_ = arch
+        self.arch_, self.kernel_ = arch, self.kernel
         self._params64 = [(self.components_, self.normalization_)]
         self._params, self._params_key = None, None
         return self
@@ -167,14 +169,22 @@ class NTKNystroem(FeatureMap):
     def _convert(self, layer_params: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
         return tuple(p.to(device=device, dtype=dtype) for p in layer_params)
 
+    def _prepare(self, X: Any) -> tuple[torch.Tensor, bool]:
+        # rows must have the fitted shape, or be flat: a same-size reshape of images in another axis order
+        # (channels first, say) would otherwise give wrong features silently
+        self._check_fitted()
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.shape(X)
+        if len(shape) >= 2 and tuple(shape[1:]) not in (self.input_shape_, (self.n_features_in_,)):
+            raise ValueError(f"X has rows of shape {tuple(shape[1:])}, but NTKNystroem was fitted on rows of shape "
+                             f"{self.input_shape_}" + (f" (flat rows of {self.n_features_in_} values are accepted "
+                             "too; images are channels last, NHWC)" if len(self.input_shape_) > 1 else ""))
+        return super()._prepare(X)
+
     def _row_bytes(self) -> int:
         return 4 * self.n_components_ + self.n_features_in_
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         centers, norm = self._params[0]
-        k = self.arch_.kernel(x.reshape(x.shape[0], *self.input_shape_), centers, self.kernel, dtype=x.dtype,
+        k = self.arch_.kernel(x.reshape(x.shape[0], *self.input_shape_), centers, self.kernel_, dtype=x.dtype,
                               device=x.device, memory_budget=self.memory_budget, progress=False)
         return k @ norm
-
-    def __repr__(self) -> str:
-        return f"NTKNystroem(n_components={self.n_components!r}, kernel={self.kernel!r})"
