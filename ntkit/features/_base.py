@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,7 +20,7 @@ from .._progress import progress
 from .._validation import (ConfigError, as_float_tensor, available_memory_bytes, check_memory, format_bytes,
                            resolve_dtype)
 
-__all__ = ["FeatureMap", "check_n_components", "make_generator"]
+__all__ = ["FeatureMap", "check_n_components", "make_generator", "clip_rows", "pick_rows"]
 
 # Default working memory for one transform batch when no memory_budget is given: a quarter of what is
 # free, at most 1 GiB (the features of a batch and its temporaries, not the output).
@@ -52,6 +53,23 @@ def make_generator(random_state: Any) -> torch.Generator:
         raise TypeError(f"random_state must be None, an int or a numpy/torch generator, got {random_state!r}")
     gen.manual_seed(seed)
     return gen
+
+
+def clip_rows(m: int, n: int, name: str, rows: str, stacklevel: int = 3) -> int:
+    """min(m, n) for ``m`` rows (centers) to draw from ``n``; more than there are uses all of them and says so
+    with a RuntimeWarning, as scikit-learn's Nystroem does (``name``, ``rows``: the words of the warning)."""
+    if m > n:
+        warnings.warn(f"{name}={m} is more than the {n} {rows}; using all {n} as centers", RuntimeWarning,
+                      stacklevel=stacklevel)
+        return n
+    return m
+
+
+def pick_rows(n: int, m: int, random_state: Any) -> torch.Tensor:
+    """Indices (CPU) of ``m <= n`` rows drawn uniformly without replacement (all rows in order when m = n)."""
+    if m == n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=make_generator(random_state))[:m]
 
 
 class FeatureMap:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -10,9 +9,10 @@ import torch
 
 from .._linalg import symmetric_eigh
 from .._validation import ConfigError, as_float_tensor, resolve_dtype
-from ..kernels import Architecture, from_config
+from ..kernels import Architecture
 from ..kernels.recurrent import is_sequence_architecture
-from ._base import FeatureMap, check_n_components, make_generator
+from ._base import FeatureMap, check_n_components, clip_rows, pick_rows
+from ._plan import as_architecture
 
 __all__ = ["NTKNystroem"]
 
@@ -103,14 +103,7 @@ class NTKNystroem(FeatureMap):
         self.progress = progress
 
     def _architecture(self) -> Architecture:
-        arch = self.architecture
-        if isinstance(arch, (dict, str)):
-            arch = from_config(arch)
-        if not isinstance(arch, Architecture):
-            raise TypeError("architecture must be an ntkit.Architecture (ntkit.serial / ntkit.mlp / "
-                            f"ntkit.from_config) or its config, got {type(arch).__name__}")
-        if self.kernel not in ("ntk", "nngp"):
-            raise ValueError(f"kernel must be 'ntk' or 'nngp', got {self.kernel!r}")
+        arch = as_architecture(self.architecture, self.kernel, "ntkit.serial / ntkit.mlp / ntkit.from_config")
         if is_sequence_architecture(arch.layers):
             raise ConfigError("NTKNystroem takes array inputs; recurrent architectures (lists of sequences) are "
                               "not supported. Compute arch.kernel(seqs, centers) and its normalization directly.")
@@ -134,12 +127,8 @@ class NTKNystroem(FeatureMap):
         dev = self.device if self.device is not None else (X.device if isinstance(X, torch.Tensor) else None)
         t = as_float_tensor(X.detach() if isinstance(X, torch.Tensor) else X, "X")  # checked, not copied
         n = t.shape[0]
-        if m > n:
-            warnings.warn(f"n_components={m} is more than the {n} rows of X; using all {n} rows as centers",
-                          RuntimeWarning, stacklevel=2)
-            m = n
-        gen = make_generator(self.random_state)
-        idx = torch.randperm(n, generator=gen)[:m]
+        m = clip_rows(m, n, "n_components", "rows of X")
+        idx = pick_rows(n, m, self.random_state)
         centers = t[idx.to(t.device)].to(device=dev, dtype=torch.float64)  # only the centers in float64
         kcc = arch.kernel(centers, None, self.kernel, dtype=torch.float64, memory_budget=self.memory_budget,
                           progress=False).cpu()

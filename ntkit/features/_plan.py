@@ -13,8 +13,8 @@ from ..kernels.layers import Dense, Identity, Serial
 from ..kernels.pooling import AvgPool, GlobalAvgPool
 from ._base import _unsupported
 
-__all__ = ["DenseOp", "ActOp", "ConvOp", "PoolOp", "read_architecture", "read_conv_architecture", "SUPPORTED",
-           "SUPPORTED_CONV"]
+__all__ = ["DenseOp", "ActOp", "ConvOp", "PoolOp", "as_architecture", "read_architecture", "read_conv_architecture",
+           "SUPPORTED", "SUPPORTED_CONV"]
 
 SUPPORTED = ("fully-connected architectures in the NTK parameterization: Dense layers (any W_std, b_std, "
              "trainable or frozen) and ReLU-family activations (Relu, LeakyRelu, Abs, ABRelu), each activation "
@@ -65,8 +65,8 @@ def _flatten(layers, out):
     return out
 
 
-def _checked(architecture: Any, kernel: str, builders: str) -> Architecture:
-    """The Architecture of ``architecture`` (or its config), after the checks every feature map shares."""
+def as_architecture(architecture: Any, kernel: str, builders: str) -> Architecture:
+    """The Architecture of ``architecture`` (or its config) and a valid ``kernel`` name, or the error."""
     if isinstance(architecture, (dict, str)):
         architecture = from_config(architecture)
     if not isinstance(architecture, Architecture):
@@ -74,6 +74,12 @@ def _checked(architecture: Any, kernel: str, builders: str) -> Architecture:
                         f"got {type(architecture).__name__}")
     if kernel not in ("ntk", "nngp"):
         raise ValueError(f"kernel must be 'ntk' or 'nngp', got {kernel!r}")
+    return architecture
+
+
+def _checked(architecture: Any, kernel: str, builders: str) -> Architecture:
+    """The Architecture of ``architecture`` (or its config), after the checks every random feature map shares."""
+    architecture = as_architecture(architecture, kernel, builders)
     if kernel == "ntk" and architecture.parameterization != "ntk":
         raise ConfigError("the feature maps approximate the NTK of the NTK parameterization (its infinite-width "
                           "limit does not depend on the widths); got parameterization="

@@ -348,25 +348,30 @@ def _wsum_fn(st, w2: float, b2: float):
     return fn
 
 
+def _masked_dual(d0: float, k: float):
+    """The dual on the unpadded layout, zero where ``mask`` is False (the next convolution's padding)."""
+    def fn(S, T, r1, r2, s1k, s2, mask):
+        o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
+        return torch.where(mask, o, 0.0), torch.where(mask, t, 0.0)
+    return fn
+
+
 def _dual_masked_fn(d0: float, k: float, first: bool):
-    """The dual on the unpadded layout, zero where ``mask`` is False (the next convolution's padding).
-    ``first``: Theta is Sigma (after the first, trainable convolution), passed once."""
+    """:func:`_masked_dual`; ``first``: Theta is Sigma (after the first, trainable convolution), passed once."""
+    fn = _masked_dual(d0, k)
     if first:
-        def fn(S, r1, r2, s1k, s2, mask):
-            o, t = _fused.abrelu_dual_math(S, S, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
-            return torch.where(mask, o, 0.0), torch.where(mask, t, 0.0)
-    else:
-        def fn(S, T, r1, r2, s1k, s2, mask):
-            o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
-            return torch.where(mask, o, 0.0), torch.where(mask, t, 0.0)
+        return lambda S, r1, r2, s1k, s2, mask: fn(S, S, r1, r2, s1k, s2, mask)
     return fn
 
 
 def _dual_sum_fn(d0: float, k: float):
-    def fn(S, T, r1, r2, s1k, s2, mask):
-        o, t = _fused.abrelu_dual_math(S, T, r1, r2, s1k, s2, d0, k, acos=_fused.acos_poly)
-        return torch.where(mask, o, 0.0).sum(), torch.where(mask, t, 0.0).sum()
-    return fn
+    """The sums of :func:`_masked_dual` (the last activation and the pooling)."""
+    fn = _masked_dual(d0, k)
+
+    def total(S, T, r1, r2, s1k, s2, mask):
+        o, t = fn(S, T, r1, r2, s1k, s2, mask)
+        return o.sum(), t.sum()
+    return total
 
 
 def _call(key, make, *args):

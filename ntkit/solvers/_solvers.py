@@ -11,7 +11,6 @@ the gradient-flow dynamics (Jacot et al. 2018, Sec. 5).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 
 from .._validation import ConfigError, available_memory_bytes, check_memory
 from ..features import NTKRandomFeatures
-from ..features._base import FeatureMap, make_generator
+from ..features._base import FeatureMap, clip_rows, pick_rows
 from ..features._plan import read_architecture
 from ..kernels.base import KernelFunction
 from ._common import (_psd_solve, as_inputs, as_kernel, as_targets, blockwise_matmul, kernel_blocks, pcg,
@@ -128,19 +127,11 @@ def _check_positive_int(v, name):
 
 
 def _clip_centers(m: int, n: int) -> int:
-    if m > n:  # as scikit-learn's Nystroem: use every point, and say so
-        warnings.warn(f"n_centers={m} is more than the {n} training points; using all {n} as centers",
-                      RuntimeWarning, stacklevel=4)
-        return n
-    return m
+    return clip_rows(m, n, "n_centers", "training points", stacklevel=5)
 
 
 def _pick_centers(x, m, random_state):
-    n = x.shape[0]
-    if m == n:
-        return torch.arange(n, device=x.device)
-    gen = make_generator(random_state)
-    return torch.randperm(n, generator=gen)[:m].to(x.device)
+    return pick_rows(x.shape[0], m, random_state).to(x.device)
 
 
 # ------------------------------------------------------------------------------------------------
