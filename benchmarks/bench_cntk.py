@@ -66,8 +66,11 @@ def one_ntkit(n, h, w, c, depth, readout, dtype, budget, save, fused=False):
     path = os.environ.get("BENCH_CNTK_GAP_PATH", "auto")  # which computation of a conv stack + GAP
     if path == "layers":  # layer by layer on whole tiles (the code before the chunked path)
         _conv_gap.plan = lambda *a: None
-    elif path == "chunks":  # chunks of pairs with eager window sums, no compiled stack
+    elif path == "chunks":  # chunks of pairs with eager window sums, no compiled or native stack
         _conv_gap.compiled_plan = lambda *a: None
+        _conv_gap.native_plan = lambda *a: None
+    elif path == "compiled":  # the torch-compiled stack (the float64 default before the native stack)
+        _conv_gap.native_plan = lambda *a: None
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
     arch = cnn(depth, readout)
     npdt = np.float32 if dtype == "float32" else None
@@ -256,7 +259,7 @@ def main():
     ap.add_argument("--gap-paths", default="auto",
                     help="comma list of GAP computations to time side by side: auto (the library's choice), "
                          "layers (layer by layer on whole tiles, as before the chunked path), chunks (chunked, "
-                         "eager window sums)")
+                         "eager window sums), compiled (the torch-compiled stack, no native loops)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # a subprocess: its torch threads come from the parent's BENCH_CNTK_THREADS

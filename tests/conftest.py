@@ -16,6 +16,14 @@ DATA = Path(__file__).parent / "data"
 REFERENCE_DIR = DATA / "reference"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def native_cache(tmp_path_factory):
+    """Native loops (ntkit.kernels._native) are built into a temporary cache, not the user's ~/.cache/ntkit."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NTKIT_CACHE_DIR", str(tmp_path_factory.mktemp("ntkit-cache")))
+        yield
+
+
 def reference_cases():
     """(name, npz path) of the neural-tangents reference cases stored in tests/data/reference."""
     return [(p.stem, p) for p in sorted(REFERENCE_DIR.glob("*.npz"))]

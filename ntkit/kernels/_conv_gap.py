@@ -26,13 +26,17 @@ tensor), so self-correlations are snapped to exactly 1 as there. The last activa
 step: its dual is summed over all position pairs as it is computed (a compiled reduction when ``fused``), so
 the last state is never written.
 
-With ``fused``, in float64, for a 2-D stack of stride-1 trainable convolutions and ReLU-family activations
-(whose padded widths agree) on images of at least :data:`COMPILED_MIN_NUMBERS` position pairs, the
-convolutions and activations are compiled loops over a zero-padded layout instead
-(:func:`compiled_plan`, :func:`compiled_stack`; see the comment above them): the window sums of Sigma and Theta
-and the affine step in one loop per convolution, the dual (masking the padding) in one loop per activation
-whose output is copied into the next convolution's zero-padded input, one pair at a time. It falls back to
-the chunks whenever it cannot run (no compiler, a zero variance).
+With ``fused``, in float64 on the CPU, a 2-D stack of stride-1 trainable convolutions and ReLU-family
+activations (whose padded widths agree, :func:`stack_geometry`) runs as one native loop instead
+(:func:`native_plan`, :func:`native_stack`, ``ntkit/kernels/_cntk_gap.c``; see the comment above them): all
+layers of a pair fused in a wavefront over the first input's rows, so that only a few rows of each layer exist
+at a time, in cache; the pairs are split between threads. Otherwise -- CUDA tensors, or no native library
+(``NTKIT_NO_COMPILE=1``; a failed build, which warns once) -- the same stack with the NTK asked for, on images
+of at least :data:`COMPILED_MIN_NUMBERS` position pairs, runs as ``torch.compile`` loops over a zero-padded
+layout (:func:`compiled_plan`, :func:`compiled_stack`): the window sums and the affine step in one loop per
+convolution, the dual in one loop per activation whose output is copied into the next convolution's
+zero-padded input, one pair at a time. Where neither runs (a zero variance; compilation unavailable or failed,
+which warns once) the chunks compute it.
 
 Used automatically by :meth:`ntkit.Architecture.kernel` (Gram and cross kernels, not ``diagonal=True``) for
 tiles whose layer-by-layer state would exceed :data:`TILE_MIN_BYTES` per tensor (:func:`use_chunks`; smaller
@@ -46,17 +50,20 @@ that path's to rounding (tested to 1e-12 in float64).
 
 from __future__ import annotations
 
+import ctypes
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import _fused
+from . import _fused, _native
 from ._state import KernelState
 from .activations import ABRelu, Activation
 from .conv import Conv
 from .pooling import GlobalAvgPool
 
-__all__ = ["plan", "use_chunks", "gap_state", "compiled_plan", "CHUNK_BYTES", "TILE_MIN_BYTES", "COMPILED_MIN_NUMBERS"]
+__all__ = ["plan", "use_chunks", "gap_state", "stack_geometry", "native_plan", "compiled_plan", "CHUNK_BYTES",
+           "TILE_MIN_BYTES", "COMPILED_MIN_NUMBERS"]
 
 # Bytes of one position-pair state tensor per chunk: a handful of such tensors are alive at once, and together
 # they should stay in the last-level cache (measured on a 2 MB-L2 / 105 MB-L3 machine: benchmarks/RESULTS.md).
@@ -165,13 +172,21 @@ def _pool(t, c: int):
 
 
 def gap_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, n_self: int, layers, fused: bool,
-              need_ntk: bool, chunk: int | None = None):
+              need_ntk: bool, chunk: int | None = None, native: bool | None = None):
     """Sigma and Theta after ``layers`` (a stack accepted by :func:`plan`, ending in the GlobalAvgPool) for the
     pairs ``(a[r1[m]], a[r2[m]])`` of the channels-last inputs ``a`` ``(n, *size, C)`` (already scaled by
     1 / sqrt(C)). The first ``n_self`` pairs must be the self pairs ``(m, m)``, m < n_self (their diagonals are
     the variances of inputs 0 .. n_self - 1, which every pair's inputs must be among). Returns ``(nngp, ntk)``
-    of shape ``(len(r1),)`` (``ntk`` None when not needed, or a float when still constant)."""
+    of shape ``(len(r1),)`` (``ntk`` None when not needed, or a float when still constant). ``native``: whether
+    the native loop may be used (default: ``fused``; it costs no compilation per process, so
+    :meth:`ntkit.Architecture.kernel` allows it unless ``fused=False``)."""
     n, size, C = a.shape[0], tuple(a.shape[1:-1]), a.shape[-1]
+    steps = native_plan(layers, size, fused if native is None else native, a.dtype, a.device)
+    if steps is not None:
+        try:
+            return native_stack(a, r1, r2, layers, steps, need_ntk)
+        except _Fallback:
+            pass
     steps = compiled_plan(layers, size, fused, need_ntk, a.dtype)
     if steps is not None:
         try:
@@ -241,7 +256,7 @@ def _meta(layers) -> dict:
 
 
 def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, layers, fused: bool,
-              need_ntk: bool, chunk: int | None = None) -> KernelState:
+              need_ntk: bool, chunk: int | None = None, native: bool | None = None) -> KernelState:
     """The flat kernel state after the GlobalAvgPool for one tile, exactly as the layer-by-layer path leaves it:
     a symmetric tile (``a2`` None, ``pairs = (r1, r2, b)`` with the b self pairs first) gives the pairwise tied
     state of those pairs; a tile of two different blocks gives the ``(b1, b2)`` matrix state with the
@@ -249,7 +264,7 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
     meta = _meta(layers)
     if a2 is None:
         r1, r2, b = pairs
-        nngp, ntk = gap_stack(a1, r1, r2, b, layers, fused, need_ntk, chunk)
+        nngp, ntk = gap_stack(a1, r1, r2, b, layers, fused, need_ntk, chunk, native)
         return KernelState(nngp=nngp, ntk=ntk, var1=nngp[:b][r1], var2=nngp[:b][r2], tied=True, pairs=pairs,
                            **meta)
     b1, b2 = a1.shape[0], a2.shape[0]
@@ -258,7 +273,7 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
     ar = torch.arange(n, device=a.device)
     i = torch.arange(b1, device=a.device).repeat_interleave(b2)
     j = torch.arange(b1, n, device=a.device).repeat(b1)
-    nngp, ntk = gap_stack(a, torch.cat([ar, i]), torch.cat([ar, j]), n, layers, fused, need_ntk, chunk)
+    nngp, ntk = gap_stack(a, torch.cat([ar, i]), torch.cat([ar, j]), n, layers, fused, need_ntk, chunk, native)
     own = nngp[:n]
     ntk = ntk[n:].view(b1, b2) if isinstance(ntk, torch.Tensor) else ntk
     return KernelState(nngp=nngp[n:].view(b1, b2), ntk=ntk, var1=own[:b1].unsqueeze(1), var2=own[b1:].unsqueeze(0),
@@ -290,20 +305,17 @@ def gap_state(a1: torch.Tensor, a2: torch.Tensor | None, pairs: tuple | None, la
 
 
 class _Fallback(Exception):
-    """The compiled stack cannot take this tile (a zero variance, compilation failed): use the chunks."""
+    """The native or compiled stack cannot take this tile (a zero variance, building or compiling failed): the
+    next path (native -> compiled -> chunks) computes it."""
 
 
-def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.float64):
-    """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
-    ``size``, or None when it does not apply (then :func:`gap_stack` computes it). Float64 only: in float32
-    the arithmetic is cheap enough that the chunks' eager passes are as fast (measured on the 28 x 28
-    benchmark of ``benchmarks/bench_cntk.py --gap-paths``)."""
-    if not (fused and need_ntk and len(size) == 2 and dtype == torch.float64 and _fused.compile_available()):
-        return None
-    if math.prod(size) ** 2 < COMPILED_MIN_NUMBERS:  # small images: the per-call overhead would dominate
-        return None
+def stack_geometry(layers, size: tuple) -> list | None:
+    """The convolutions' geometry for the compiled and the native stacks, or None when ``layers`` (ending in the
+    GlobalAvgPool, on inputs of spatial ``size``) is not a 2-D stack they compute: the first (patch, 1 x 1)
+    convolution, then (ReLU-family activation, stride-1 trainable convolution) pairs whose padded widths agree,
+    then a last ReLU-family activation. One dict per convolution after the first (possibly none)."""
     body = layers[:-1]
-    if len(body) < 4 or len(body) % 2:
+    if len(size) != 2 or len(body) < 2 or len(body) % 2:
         return None
     convs, acts = body[0::2], body[1::2]
     if not all(isinstance(c, Conv) and c.trainable and c.strides == (1, 1) for c in convs):
@@ -322,6 +334,19 @@ def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.
     if any(a["Wp"] != b["Wp"] for a, b in zip(steps, steps[1:])):
         return None
     return steps
+
+
+def compiled_plan(layers, size: tuple, fused: bool, need_ntk: bool, dtype=torch.float64):
+    """The geometry of the compiled stack for ``layers`` (ending in the GlobalAvgPool) on inputs of spatial
+    ``size``, or None when it does not apply (then :func:`gap_stack` computes it). Float64 only: in float32
+    the arithmetic is cheap enough that the chunks' eager passes are as fast (measured on the 28 x 28
+    benchmark of ``benchmarks/bench_cntk.py --gap-paths``)."""
+    if not (fused and need_ntk and len(size) == 2 and dtype == torch.float64 and _fused.compile_available()):
+        return None
+    if math.prod(size) ** 2 < COMPILED_MIN_NUMBERS:  # small images: the per-call overhead would dominate
+        return None
+    steps = stack_geometry(layers, size)
+    return steps or None  # at least two convolutions
 
 
 def _wsum_fn(st, w2: float, b2: float):
@@ -462,3 +487,136 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
             S, T = _call(("cntk-wsum", dt, dev.type, w2, b2) + gkey, lambda: _wsum_fn(st, w2, b2), PS, PT)
     m_out = float(geo[-1][0] * geo[-1][1]) ** 2
     return nngp / m_out, ntk / m_out
+
+
+# -- the native stack: all layers fused in a wavefront over rows (C, ntkit/kernels/_cntk_gap.c) ---------------
+# The compiled stack above still streams every layer's state of a pair (4.9 MB per tensor for 28 x 28 images in
+# float64) through memory between its loops, and pays eager copies into padded buffers. The native loop keeps
+# the same layouts but never holds more than a few rows of each layer: activation l's row r (all columns of the
+# first input, all positions of the second) is summed over the filter's columns into a ring of FH rows, and
+# convolution l + 1's output row h -- the sum of ring rows h - ph .. h - ph + FH - 1 -- is computed as soon as
+# its rows exist, followed at once by activation l + 1 (the deepest ready row first). 2.4 MB of rings per
+# thread for the 28 x 28 benchmark, so every layer is consumed from cache; the first convolution is the patch
+# product computed row by row, the last activation is summed as it is computed. Pairs are split between
+# torch.get_num_threads() threads (ctypes releases the GIL). The per-position variances of every input at
+# every activation come from the same-position recursion computed by the same C expressions in the same order,
+# so a self pair's diagonal equals them bitwise and its correlations snap to exactly 1 as in the torch paths.
+
+
+def native_plan(layers, size: tuple, allowed: bool, dtype, device) -> list | None:
+    """The geometry of the native stack (:func:`stack_geometry`) when it applies: ``allowed`` (by the caller:
+    not ``fused=False``), float64 on the CPU, and native loops not switched off."""
+    if not (allowed and dtype == torch.float64 and device.type == "cpu" and _native.compiling_allowed()):
+        return None
+    return stack_geometry(layers, size)
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def native_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, layers, steps: list, need_ntk: bool):
+    """:func:`gap_stack` by the native loop described above (all pairs; every input's variances are computed
+    from its own same-position recursion). :class:`_Fallback` when the library cannot be built or an input has
+    a zero variance (the chunks' eager special cases)."""
+    lib = _native.load("cntk_gap")
+    if lib is None:
+        raise _Fallback
+    _declare(lib)
+    dt = torch.float64
+    a = a.contiguous()
+    n, H, W, K = a.shape
+    body = layers[:-1]
+    convs, acts = body[0::2], body[1::2]
+    L = len(acts)
+    geo = torch.zeros((L, 10), dtype=torch.int64)
+    wb, dk = torch.zeros(2 * L, dtype=dt), torch.zeros(2 * L, dtype=dt)
+    for li, st in enumerate(steps, start=1):
+        geo[li] = torch.tensor([st[k] for k in ("H", "W", "fh", "fw", "ph", "pw", "Ho", "Wo", "Hp", "Wp")])
+        wb[2 * li] = convs[li].W_std**2 / (st["fh"] * st["fw"])
+        wb[2 * li + 1] = 0.0 if convs[li].b_std is None else convs[li].b_std**2
+    w0 = convs[0].W_std**2
+    b0 = 0.0 if convs[0].b_std is None else convs[0].b_std**2
+    Wq = steps[0]["Wp"] if steps else W
+    hl = [H] + [st["Ho"] for st in steps]
+    wl = [W] + [st["Wo"] for st in steps]
+    Ll = [(h - 1) * Wq + w for h, w in zip(hl, wl)]
+    off1 = torch.tensor([0] + [n * h * w for h, w in zip(hl, wl)], dtype=torch.int64).cumsum(0)
+    off2 = torch.tensor([0] + [n * m for m in Ll], dtype=torch.int64).cumsum(0)
+    offm = torch.tensor([0] + Ll, dtype=torch.int64).cumsum(0)
+    A1 = a.reshape(n, H * W, K)
+    if steps:  # the second input's patches in the flat padded-row layout of the second convolution's input
+        ph, pw = steps[0]["ph"], steps[0]["pw"]
+        A2 = a.new_zeros((n, steps[0]["Hp"], Wq, K))
+        A2[:, ph:ph + H, pw:pw + W] = a
+        A2T = A2.reshape(n, -1, K)[:, ph * Wq + pw:][:, :Ll[0]].transpose(1, 2).contiguous()
+    else:
+        A2T = A1.transpose(1, 2).contiguous()
+    coef = torch.tensor(_fused._ASIN, dtype=dt)
+    Q, R1, S1K = (a.new_zeros(int(off1[-1])) for _ in range(3))
+    R2, S2 = a.new_ones(int(off2[-1])), a.new_ones(int(off2[-1]))
+    M = a.new_zeros(int(offm[-1]))
+    for li, act in enumerate(acts):
+        lib.ntkit_cntk_gap_variances(li, n, H, W, K, _ptr(A1), w0, b0, _ptr(geo), _ptr(wb),
+                                     _ptr(dk), _ptr(coef), _ptr(R1), _ptr(S1K),
+                                     _ptr(off1), _ptr(Q))
+        q = Q[int(off1[li]):int(off1[li + 1])]
+        if not bool(torch.isfinite(q).all()):
+            raise _Fallback
+        fac = act.fused_factors(q, q, dt)
+        if fac is None:  # a zero variance
+            raise _Fallback
+        f1, f2, f1k, f2s, d0, kk = fac
+        dk[2 * li], dk[2 * li + 1] = d0, kk
+        R1[int(off1[li]):int(off1[li + 1])] = f1
+        S1K[int(off1[li]):int(off1[li + 1])] = f1k
+        pos = (torch.arange(hl[li])[:, None] * Wq + torch.arange(wl[li])[None]).reshape(-1)
+        R2[int(off2[li]):int(off2[li + 1])].view(n, Ll[li])[:, pos] = f2.view(n, -1)
+        S2[int(off2[li]):int(off2[li + 1])].view(n, Ll[li])[:, pos] = f2s.view(n, -1)
+        M[int(offm[li]):int(offm[li + 1])][pos] = 1.0
+    P = len(r1)
+    pi, pj = r1.to(torch.int64).contiguous(), r2.to(torch.int64).contiguous()
+    nngp, ntk = a.new_empty(P), a.new_empty(P)
+    threads = max(1, min(torch.get_num_threads(), P))
+    work = lib.ntkit_cntk_gap_workspace(L, H, W, _ptr(geo))
+
+    def part(t: int):
+        idx = torch.arange(t, P, threads)
+        i, j = pi[idx].contiguous(), pj[idx].contiguous()
+        s, u = a.new_empty(len(idx)), a.new_empty(len(idx))
+        buf = _workspace(work, a)
+        lib.ntkit_cntk_gap_pairs(L, H, W, K, _ptr(A1), _ptr(A2T), w0, b0, _ptr(geo),
+                                 _ptr(wb), _ptr(dk), _ptr(coef), _ptr(R1), _ptr(S1K),
+                                 _ptr(off1), _ptr(R2), _ptr(S2), _ptr(off2), _ptr(M),
+                                 _ptr(offm), len(idx), _ptr(i), _ptr(j), _ptr(s),
+                                 _ptr(u), _ptr(buf))
+        nngp[idx], ntk[idx] = s, u
+
+    if threads == 1:
+        part(0)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(part, range(threads)))
+    m_out = float(hl[-1] * wl[-1]) ** 2
+    return nngp / m_out, (ntk / m_out if need_ntk else None)
+
+
+def _workspace(numbers: int, like: torch.Tensor) -> torch.Tensor:
+    """One thread's workspace of the native stack: its rings and rows (zeros: their padding is never written).
+    About 2 FH Wo Hp Wp numbers per convolution after the first, e.g. 2.4 MB for the 28 x 28 benchmark's three
+    layers."""
+    return like.new_zeros(numbers)
+
+
+def _declare(lib) -> None:
+    """The C signatures (ctypes would otherwise pass Python ints as 32-bit ints)."""
+    if getattr(lib, "_ntkit_declared", False):
+        return
+    i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    lib.ntkit_cntk_gap_workspace.argtypes = [i64, i64, i64, ptr]
+    lib.ntkit_cntk_gap_workspace.restype = i64
+    lib.ntkit_cntk_gap_variances.argtypes = [i64, i64, i64, i64, i64, ptr, dbl, dbl] + [ptr] * 8
+    lib.ntkit_cntk_gap_variances.restype = None
+    lib.ntkit_cntk_gap_pairs.argtypes = [i64] * 4 + [ptr] * 2 + [dbl] * 2 + [ptr] * 12 + [i64] + [ptr] * 5
+    lib.ntkit_cntk_gap_pairs.restype = None
+    lib._ntkit_declared = True

@@ -14,11 +14,12 @@ is the same up to rounding, never different.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import numpy as np
 import torch
+
+from ._native import compiling_allowed
 
 __all__ = ["abrelu_dual_math", "abrelu_dual", "abrelu_dual_sum", "auto_fuse", "FUSE_MIN_NUMBERS", "compile_available",
            "acos_poly", "run_compiled", "NOT_COMPILED"]
@@ -34,7 +35,7 @@ _failed: set = set()
 
 def compile_available() -> bool:
     """Whether ``torch.compile`` may be tried at all (not disabled by ``NTKIT_NO_COMPILE=1``)."""
-    return os.environ.get("NTKIT_NO_COMPILE", "0") in ("", "0") and hasattr(torch, "compile")
+    return compiling_allowed() and hasattr(torch, "compile")
 
 
 def auto_fuse(fused: bool | None, pairs: int, per_pair: int) -> bool:

@@ -321,7 +321,9 @@ class Architecture:
             (default): only when the work is large (at least ``ntkit.kernels._fused.FUSE_MIN_NUMBERS``
             state numbers per layer, e.g. a 1000 x 1000 CNTK-GAP on 14 x 14 images); True: always;
             False: never. Falls back to eager torch if compilation is unavailable; the values agree to
-            rounding either way.
+            rounding either way. In float64 on the CPU, conv stacks with global average pooling use a
+            native loop (``ntkit/kernels/_cntk_gap.c``, built once per machine in under a second) unless
+            ``fused=False``.
 
         Returns
         -------
@@ -567,7 +569,7 @@ class Architecture:
             n_pairs = (i1 - i0) * (i1 - i0 + 1) // 2 if pairs is not None else (i1 - i0) * (j1 - j0)
             if gap is not None and per > 1 and _conv_gap.use_chunks(n_pairs, per, item):
                 st = _conv_gap.gap_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairs, layers[:gap + 1],
-                                         ctx.fused, need_ntk)
+                                         ctx.fused, need_ntk, native=fused is not False)
                 st = self._run(st, ctx, switch - gap - 1, layers[gap + 1:])
             else:
                 st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=pairs is not None,

@@ -223,6 +223,7 @@ def test_compiled_stack_equals_the_chunks(case, dtype, images, monkeypatch):
             "abs-3x5": lambda: _same_net(ntkit.Abs(), (3, 5), (3, 5))}[case]()
     x = images.to(dtype)
     monkeypatch.setattr(_conv_gap, "COMPILED_MIN_NUMBERS", 0)  # small test images through the compiled stack
+    monkeypatch.setattr(_conv_gap, "native_plan", lambda *a: None)  # not the native stack (test_cntk_native.py)
     calls = []
     orig = _conv_gap.compiled_stack
     monkeypatch.setattr(_conv_gap, "compiled_stack", lambda *a: calls.append(1) or orig(*a))
@@ -257,6 +258,7 @@ def test_compiled_duals_in_chunks_equal_eager(dtype, images, monkeypatch):
     # the chunks with the compiled dual and the compiled pooled dual (abrelu_dual_sum); compiles
     monkeypatch.delenv("NTKIT_NO_COMPILE", raising=False)
     monkeypatch.setattr(_conv_gap, "compiled_plan", lambda *a: None)
+    monkeypatch.setattr(_conv_gap, "native_plan", lambda *a: None)
     arch = ARCHS["leaky"]()
     x = images.to(dtype)
     for x2 in (None, x[:3] * 0.7):
@@ -272,6 +274,7 @@ def test_compiled_stack_falls_back_to_the_chunks(images, monkeypatch):
     monkeypatch.setattr(_fused, "_compiled", {})
     monkeypatch.setattr(_fused, "_failed", set())
     monkeypatch.setattr(_conv_gap, "COMPILED_MIN_NUMBERS", 0)
+    monkeypatch.setattr(_conv_gap, "native_plan", lambda *a: None)
     arch = _same_net(ntkit.Relu())
     with pytest.warns(RuntimeWarning, match="using eager torch"):
         got = arch.kernel(images, dtype=F64, fused=True)
