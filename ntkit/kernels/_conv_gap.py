@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -76,6 +77,9 @@ TILE_MIN_BYTES = 32 * 1024**2
 # The compiled stack runs one pair per call (static shapes); below this many position pairs per pair of inputs
 # (28 x 28 images have 614,656, 14 x 14 ones 38,416) its per-call overhead outweighs the chunks' eager passes.
 COMPILED_MIN_NUMBERS = 2e5
+# The native stack calls its C loop on this many pairs at a time per thread (~0.5 s for 28 x 28 images), so that
+# a KeyboardInterrupt is seen between calls.
+NATIVE_BATCH = 64
 
 
 def plan(layers, switch: int, init: str, parameterization: str) -> int | None:
@@ -536,7 +540,7 @@ def native_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, layers, st
         wb[2 * li] = convs[li].W_std**2 / (st["fh"] * st["fw"])
         wb[2 * li + 1] = 0.0 if convs[li].b_std is None else convs[li].b_std**2
     w0 = convs[0].W_std**2
-    b0 = 0.0 if convs[0].b_std is None else convs[0].b_std**2
+    bias0 = 0.0 if convs[0].b_std is None else convs[0].b_std**2
     Wq = steps[0]["Wp"] if steps else W
     hl = [H] + [st["Ho"] for st in steps]
     wl = [W] + [st["Wo"] for st in steps]
@@ -557,7 +561,7 @@ def native_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, layers, st
     R2, S2 = a.new_ones(int(off2[-1])), a.new_ones(int(off2[-1]))
     M = a.new_zeros(int(offm[-1]))
     for li, act in enumerate(acts):
-        lib.ntkit_cntk_gap_variances(li, n, H, W, K, _ptr(A1), w0, b0, _ptr(geo), _ptr(wb),
+        lib.ntkit_cntk_gap_variances(li, n, H, W, K, _ptr(A1), w0, bias0, _ptr(geo), _ptr(wb),
                                      _ptr(dk), _ptr(coef), _ptr(R1), _ptr(S1K),
                                      _ptr(off1), _ptr(Q))
         q = Q[int(off1[li]):int(off1[li + 1])]
@@ -579,24 +583,32 @@ def native_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, layers, st
     nngp, ntk = a.new_empty(P), a.new_empty(P)
     threads = max(1, min(torch.get_num_threads(), P))
     work = lib.ntkit_cntk_gap_workspace(L, H, W, _ptr(geo))
+    stop = threading.Event()
 
     def part(t: int):
-        idx = torch.arange(t, P, threads)
-        i, j = pi[idx].contiguous(), pj[idx].contiguous()
-        s, u = a.new_empty(len(idx)), a.new_empty(len(idx))
         buf = _workspace(work, a)
-        lib.ntkit_cntk_gap_pairs(L, H, W, K, _ptr(A1), _ptr(A2T), w0, b0, _ptr(geo),
-                                 _ptr(wb), _ptr(dk), _ptr(coef), _ptr(R1), _ptr(S1K),
-                                 _ptr(off1), _ptr(R2), _ptr(S2), _ptr(off2), _ptr(M),
-                                 _ptr(offm), len(idx), _ptr(i), _ptr(j), _ptr(s),
-                                 _ptr(u), _ptr(buf))
-        nngp[idx], ntk[idx] = s, u
+        mine = torch.arange(t, P, threads)
+        for start in range(0, len(mine), NATIVE_BATCH):  # in batches: an interrupt is seen between them
+            if stop.is_set():
+                return
+            idx = mine[start:start + NATIVE_BATCH]
+            i, j = pi[idx].contiguous(), pj[idx].contiguous()
+            s, u = a.new_empty(len(idx)), a.new_empty(len(idx))
+            lib.ntkit_cntk_gap_pairs(L, H, W, K, _ptr(A1), _ptr(A2T), w0, bias0, _ptr(geo), _ptr(wb), _ptr(dk),
+                                     _ptr(coef), _ptr(R1), _ptr(S1K), _ptr(off1), _ptr(R2), _ptr(S2), _ptr(off2),
+                                     _ptr(M), _ptr(offm), len(idx), _ptr(i), _ptr(j), _ptr(s), _ptr(u), _ptr(buf))
+            nngp[idx], ntk[idx] = s, u
 
     if threads == 1:
         part(0)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(part, range(threads)))
+            try:
+                for f in [pool.submit(part, t) for t in range(threads)]:
+                    f.result()
+            except BaseException:  # e.g. KeyboardInterrupt: the workers stop after their current batch
+                stop.set()
+                raise
     m_out = float(hl[-1] * wl[-1]) ** 2
     return nngp / m_out, (ntk / m_out if need_ntk else None)
 

@@ -14,8 +14,10 @@ such as the vector width. Where the CPU's feature flags can be read (Linux), ``-
 CPU and the library's file name carries a hash of the source, the flags, the compiler's version and those
 feature flags, so a cache shared between machines never loads a library built for another CPU; elsewhere only
 portable flags are used. If the tuned flags are refused, the portable ones are used (with a warning, once per
-process; the refusal is remembered in the cache). If compilation fails altogether (no compiler), :func:`load`
-warns once and returns None and the caller uses its torch path. ``NTKIT_NO_COMPILE=1`` switches native loops
+process; a refusal is remembered in the cache once the portable build has shown that the flags were the
+cause). A read-only cache directory is read, and new libraries are then built in a temporary directory for
+the process. If compilation fails altogether (no compiler), :func:`load` warns once and returns None and the
+caller uses its torch path. ``NTKIT_NO_COMPILE=1`` switches native loops
 off, as it does ``torch.compile``.
 """
 
@@ -83,48 +85,75 @@ def _tuned() -> list[str]:
     return flags + _PORTABLE
 
 
+def _compile(cc: list[str], flags: list[str], source: Path, path: Path) -> str | None:
+    """Compile ``source`` into ``path`` (atomically: concurrent processes never load a half-written library);
+    None on success, else what went wrong."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            run = subprocess.run([*cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+        except subprocess.TimeoutExpired:
+            return "the compiler ran for more than 300 s"
+        if run.returncode != 0:
+            return (run.stderr or run.stdout).strip() or f"exit status {run.returncode}"
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.exists():  # (another process may hold an identical one open)
+                raise
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
 def _build(name: str) -> ctypes.CDLL:
     source = _HERE / f"_{name}.c"
     text = source.read_bytes()
     cc = _compiler()
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     cpu = _cpu_flags()
-    errors = []
+    cache = cache_dir()
+    # a read-only cache: libraries already there are used, new ones are built for this process only
+    build_dir = cache if _writable(cache) else Path(tempfile.mkdtemp(prefix="ntkit-native-"))
+    failed = []  # (flags, marker, message) of tuned flags that did not build
     for flags in ((_tuned(), _PORTABLE) if cpu else (_PORTABLE,)):
-        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(), platform.machine().encode(),
-                                         cpu.encode()])).hexdigest()[:20]
-        path = cache_dir() / f"{name}-{key}.so"
-        refused = path.with_suffix(".failed")  # these flags failed here before: do not retry in every process
-        if not path.exists() and not refused.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-            os.close(fd)
-            try:
-                run = subprocess.run([*cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                     timeout=300)
-                if run.returncode == 0:
-                    try:
-                        os.replace(tmp, path)  # atomic: concurrent processes never load a half-written library
-                    except OSError:
-                        if not path.exists():  # (another process may hold an identical one open)
-                            raise
-                else:
-                    out = (run.stderr or run.stdout).strip()
-                    if flags is _PORTABLE:  # a failed portable build is retried by the next process
-                        errors.append(f"{' '.join(cc)} {' '.join(flags)}: {out[:300]}")
-                        continue
-                    refused.write_text(out)  # refused tuned flags are remembered
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        if path.exists():
-            if errors:
-                warnings.warn(f"ntkit: the native {name} loops were built without CPU-specific flags (slower): "
-                              f"{errors[0]}", RuntimeWarning, stacklevel=4)
-            return ctypes.CDLL(str(path))
-        detail = refused.read_text().strip() if refused.exists() else ""
-        errors.append(f"{' '.join(cc)} {' '.join(flags)}: {detail[:300]}")
-    raise RuntimeError("; ".join(errors))
+        key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode(),
+                                         platform.machine().encode(), cpu.encode()])).hexdigest()[:20]
+        path = cache / f"{name}-{key}.so"
+        if not path.exists():
+            path = build_dir / path.name
+        marker = path.with_suffix(".failed")  # tuned flags refused here before (where portable ones build)
+        if marker.exists():
+            failed.append((flags, marker, marker.read_text()))
+            continue
+        if not path.exists():
+            problem = _compile(cc, flags, source, path)
+            if problem is not None:
+                failed.append((flags, marker, problem))
+                continue
+        for _, mark, problem in failed:  # the flags themselves were the cause: do not retry in every process
+            if not mark.exists():
+                try:
+                    mark.write_text(problem)
+                except OSError:
+                    pass
+        if failed:
+            warnings.warn(f"ntkit: the native {name} loops were built without CPU-specific flags (slower): "
+                          f"{failed[0][2].strip()[:300]}", RuntimeWarning, stacklevel=4)
+        return ctypes.CDLL(str(path))
+    raise RuntimeError("; ".join(f"{' '.join(cc)} {' '.join(flags)}: {problem.strip()[:300]}"
+                                 for flags, _, problem in failed))
 
 
 def load(name: str) -> ctypes.CDLL | None:

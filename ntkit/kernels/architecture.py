@@ -569,7 +569,7 @@ class Architecture:
             n_pairs = (i1 - i0) * (i1 - i0 + 1) // 2 if pairs is not None else (i1 - i0) * (j1 - j0)
             if gap is not None and per > 1 and _conv_gap.use_chunks(n_pairs, per, item):
                 st = _conv_gap.gap_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairs, layers[:gap + 1],
-                                         ctx.fused, need_ntk, native=fused is not False)
+                                         ctx.fused, need_ntk, native=fused is None or bool(fused))
                 st = self._run(st, ctx, switch - gap - 1, layers[gap + 1:])
             else:
                 st = input_state(xs1[i0:i1], None if diag_tile else xs2[j0:j1], pairwise=pairs is not None,

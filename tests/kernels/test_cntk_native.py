@@ -60,6 +60,8 @@ NETS = {
         ntkit.Conv(4, (5, 3), padding="VALID", W_std=1.3, b_std=0.2), ntkit.Relu(),
         ntkit.Conv(4, (3, 3), W_std=1.2, b_std=0.1), ntkit.Relu(), ntkit.GlobalAvgPool(), ntkit.Dense(1)),
     "even-and-taller-than-image": lambda: _same_net(ntkit.LeakyRelu(0.3), (4, 3), (9, 3)),
+    "even-width-4": lambda: _same_net(ntkit.Relu(), (3, 4), (3, 4)),  # pads 1 before, 2 after
+    "wider-than-image": lambda: _same_net(ntkit.Abs(), (3, 7), (3, 7)),  # 7 columns on 5: pw = 3
     "deep": lambda: ntkit.serial(*[lay for i in range(5) for lay in (ntkit.Conv(4, (3, 3), W_std=1.4, b_std=0.1 * i),
                                                                      ntkit.LeakyRelu(0.2))],
                                  ntkit.GlobalAvgPool(), ntkit.Dense(1)),
@@ -92,8 +94,9 @@ def test_native_equals_the_eager_chunks(name, images, spy):
     assert spy, "the native stack was not used"
 
 
-def test_native_on_one_row_images(spy):
-    x = torch.randn(4, 1, 5, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+@pytest.mark.parametrize("shape", [(1, 5), (6, 1)])
+def test_native_on_one_row_and_one_column_images(shape, spy):
+    x = torch.randn(4, *shape, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     arch = NETS["relu-3x3"]()
     for u, v in zip(arch.kernel(x, dtype=F64, fused=False), arch.kernel(x, dtype=F64, fused=True)):
         torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
@@ -208,7 +211,8 @@ def test_build_is_cached_and_a_failed_build_falls_back(images, tmp_path, monkeyp
     monkeypatch.setenv("NTKIT_CACHE_DIR", str(tmp_path / "cache"))
     assert _native.load("cntk_gap") is not None
     built = sorted(os.listdir(tmp_path / "cache"))
-    assert len(built) == 1 and built[0].startswith("cntk_gap-") and built[0].endswith(".so")
+    libs = [f for f in built if f.endswith(".so")]
+    assert len(libs) == 1 and libs[0].startswith("cntk_gap-")
     monkeypatch.setattr(_native, "_libs", {})
     assert _native.load("cntk_gap") is not None  # a new process: loaded from the cache, nothing rebuilt
     assert sorted(os.listdir(tmp_path / "cache")) == built
@@ -225,4 +229,27 @@ def test_build_is_cached_and_a_failed_build_falls_back(images, tmp_path, monkeyp
         arch.kernel(images[:2], dtype=F64, fused=True)
     want = arch.kernel(images, dtype=F64, fused=False)
     for u, v in zip(want, got):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+
+
+def test_refused_cpu_flags_fall_back_to_portable_ones(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(_native, "_libs", {})
+    monkeypatch.setenv("NTKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_tuned", lambda: ["-fno-such-flag-anywhere"] + _native._PORTABLE)
+    with pytest.warns(RuntimeWarning, match="built without CPU-specific flags"):
+        assert _native.load("cntk_gap") is not None
+    files = sorted(os.listdir(tmp_path))
+    assert sum(f.endswith(".so") for f in files) == 1 and sum(f.endswith(".failed") for f in files) == 1
+    monkeypatch.setattr(_native, "_libs", {})
+    with pytest.warns(RuntimeWarning, match="built without CPU-specific flags"):  # remembered, not retried
+        assert _native.load("cntk_gap") is not None
+    assert sorted(os.listdir(tmp_path)) == files
+    # where the CPU's features cannot be read, only portable flags are used (no -march=native library)
+    monkeypatch.setattr(_native, "_libs", {})
+    monkeypatch.setattr(_native, "_cpu_flags", lambda: "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _native.load("cntk_gap") is not None
+    arch = NETS["relu-3x3"]()
+    for u, v in zip(arch.kernel(images, dtype=F64, fused=False), arch.kernel(images, dtype=F64, fused=True)):
         torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
