@@ -24,6 +24,14 @@ def native_cache(tmp_path_factory):
         yield
 
 
+def images_with_parallel_pair(shape, seed, pair, factor, dtype=torch.float64):
+    """Random channels-last images in which image ``pair[1]`` is ``factor`` times image ``pair[0]``: their
+    correlation is exactly 1 at every position pair, which the kernels must keep (snapped, not rounded)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    x[pair[1]] = x[pair[0]] * factor
+    return x
+
+
 def reference_cases():
     """(name, npz path) of the neural-tangents reference cases stored in tests/data/reference."""
     return [(p.stem, p) for p in sorted(REFERENCE_DIR.glob("*.npz"))]

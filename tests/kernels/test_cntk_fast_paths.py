@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ntkit
-from conftest import assert_fused_equals_eager
+from conftest import assert_fused_equals_eager, images_with_parallel_pair
 from ntkit.kernels import _fused
 from ntkit.kernels.architecture import symmetric_tile_pairs
 
@@ -43,10 +43,7 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(7, 6, 5, 2, generator=g, dtype=F64)
-    x[3] = x[1] * 2.0  # parallel inputs: correlation exactly 1 across the pair (1, 3)
-    return x
+    return images_with_parallel_pair((7, 6, 5, 2), seed=3, pair=(1, 3), factor=2.0)
 
 
 def test_symmetric_tile_pairs_cover_each_pair_once():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ntkit
-from conftest import assert_fused_equals_eager
+from conftest import assert_fused_equals_eager, images_with_parallel_pair
 from ntkit.kernels import _conv_gap, _fused
 
 F64 = torch.float64
@@ -66,10 +66,7 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 7, 5, 2, generator=g, dtype=F64)
-    x[4] = x[1] * 3.0  # parallel inputs: correlation exactly 1 at every position pair (1, 4)
-    return x
+    return images_with_parallel_pair((6, 7, 5, 2), seed=5, pair=(1, 4), factor=3.0)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
