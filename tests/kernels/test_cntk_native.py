@@ -92,6 +92,23 @@ def test_native_equals_the_eager_chunks(name, images, spy):
     assert spy, "the native stack was not used"
 
 
+@pytest.mark.parametrize("channels, first", [(1, (3, 3)), (2, (2, 2)), (1, (1, 1)), (3, (3, 3))])
+def test_native_patch_product(channels, first, spy):
+    # the first convolution's patch product with K = 9, 8, 1 and 27 numbers per patch; parallel inputs stay
+    # exactly proportional
+    x = images_with_parallel_pair((5, 6, 5, channels), seed=11, pair=(0, 3), factor=2.0)
+    arch = ntkit.serial(ntkit.Conv(4, first, W_std=1.4), ntkit.LeakyRelu(0.1),
+                        ntkit.Conv(4, (3, 3), W_std=1.3), ntkit.LeakyRelu(0.1), ntkit.GlobalAvgPool(),
+                        ntkit.Dense(1, 1.1))
+    got = arch.kernel(x, x[:2] * 0.5, dtype=F64, fused=True)
+    want = arch.kernel(x, x[:2] * 0.5, dtype=F64, fused=False)
+    for u, v in zip(want, got):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+    for t in arch.kernel(x, dtype=F64, fused=True):
+        torch.testing.assert_close(t[0, 3], 2.0 * t[0, 0], rtol=1e-13, atol=0)
+    assert spy
+
+
 @pytest.mark.parametrize("shape", [(1, 5), (6, 1)])
 def test_native_on_one_row_and_one_column_images(shape, spy):
     x = torch.randn(4, *shape, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
