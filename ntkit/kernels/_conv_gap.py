@@ -117,8 +117,7 @@ def _conv(lay: Conv, S: torch.Tensor, T, shape: tuple):
     """The convolution rule of :meth:`Conv.apply_kernel` (NTK parameterization) on a chunk ``(c, *shape, *shape)``."""
     nd = len(shape)
     geo = lay.geometry(shape)
-    w2 = lay.W_std**2 / math.prod(lay.filter_shape)
-    b2 = 0.0 if lay.b_std is None else lay.b_std**2
+    w2, b2 = lay.tap_variances()
     b2t = torch.tensor(b2, dtype=S.dtype, device=S.device)
 
     def filt(t):  # a chunk (c, *shape, *shape): spatial axis pair d is (1 + d, 1 + nd + d)
@@ -426,8 +425,8 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
     A2[:, first["ph"]:first["ph"] + H, first["pw"]:first["pw"] + W] = a
     A2 = A2.reshape(n, Hp * Wp, C).transpose(1, 2)
     c0 = convs[0]
-    w2_0 = c0.W_std**2
-    b2_0 = torch.tensor(0.0 if c0.b_std is None else c0.b_std**2, dtype=dt, device=dev)
+    w2_0, b2_0 = c0.tap_variances()  # a 1 x 1 convolution: W_std^2
+    b2_0 = torch.tensor(b2_0, dtype=dt, device=dev)
     masks, geo = [], []
     for s in steps:  # the activation before conv l writes its H x W positions in rows of conv l's padded width
         L = (s["H"] - 1) * s["Wp"] + s["W"]
@@ -485,8 +484,7 @@ def compiled_stack(a: torch.Tensor, r1, r2, n_self: int, layers, steps):
             PT[inner + (slice(off, off + L),)].copy_(t)
             del o, t
             cv = convs[li + 1]
-            w2 = cv.W_std**2 / (st["fh"] * st["fw"])
-            b2 = 0.0 if cv.b_std is None else cv.b_std**2
+            w2, b2 = cv.tap_variances()
             gkey = tuple(st[name] for name in ("Ho", "Wo", "Wp", "fh", "fw", "ph", "pw"))
             S, T = _call(("cntk-wsum", dt, dev.type, w2, b2) + gkey, lambda: _wsum_fn(st, w2, b2), PS, PT)
     m_out = float(geo[-1][0] * geo[-1][1]) ** 2
@@ -537,10 +535,8 @@ def native_stack(a: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, layers, st
     wb, dk = torch.zeros(2 * L, dtype=dt), torch.zeros(2 * L, dtype=dt)
     for li, st in enumerate(steps, start=1):
         geo[li] = torch.tensor([st[k] for k in ("H", "W", "fh", "fw", "ph", "pw", "Ho", "Wo", "Hp", "Wp")])
-        wb[2 * li] = convs[li].W_std**2 / (st["fh"] * st["fw"])
-        wb[2 * li + 1] = 0.0 if convs[li].b_std is None else convs[li].b_std**2
-    w0 = convs[0].W_std**2
-    bias0 = 0.0 if convs[0].b_std is None else convs[0].b_std**2
+        wb[2 * li], wb[2 * li + 1] = convs[li].tap_variances()
+    w0, bias0 = convs[0].tap_variances()  # a 1 x 1 convolution: W_std^2
     Wq = steps[0]["Wp"] if steps else W
     hl = [H] + [st["Ho"] for st in steps]
     wl = [W] + [st["Wo"] for st in steps]

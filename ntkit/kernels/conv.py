@@ -214,14 +214,17 @@ class Conv(Layer):
         return t
 
     # -- infinite width ---------------------------------------------------------------------------------
+    def tap_variances(self) -> tuple[float, float]:
+        """``(W_std^2 / F, b_std^2)`` (0 without bias): the factors of the window sum and the bias in the
+        kernel rule (NTK parameterization; F the number of filter taps)."""
+        return self.W_std**2 / math.prod(self.filter_shape), 0.0 if self.b_std is None else self.b_std**2
+
     def apply_kernel(self, k: KernelState, ctx: KernelContext) -> KernelState:
         if isinstance(k, tuple):
             raise ConfigError("conv applied to unmerged branches: after fanout, use parallel([...]) for the "
                               "branches and fanin_sum to merge them")
         geo = self.geometry(k.shape)
-        F = math.prod(self.filter_shape)
-        w2 = self.W_std**2 / F
-        b2 = 0.0 if self.b_std is None else self.b_std**2
+        w2, b2 = self.tap_variances()
         b2t = torch.tensor(b2, dtype=k.nngp.dtype, device=k.nngp.device)
         standard = ctx.parameterization == "standard" and k.ntk is not None and self.trainable
 
